@@ -1,0 +1,332 @@
+"""The one distillation loop every method shares.
+
+Each round: the synthesizer makes a batch (learning synthesizers update themselves against
+the current student), the batch joins a memory of past batches, and the student takes
+``kd_steps`` optimizer steps on augmented batches drawn from that memory, matching the
+teacher's softened outputs on the same augmented images. Evaluation on real test data,
+logging, checkpointing and the wall-clock budget happen between rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from dfkd.data import ArrayDataset
+from dfkd.eval.classification import evaluate
+from dfkd.losses import kd_loss
+from dfkd.models.checkpoint import atomic_torch_save
+from dfkd.teacher import Normalized, Teacher
+from generators.base import Synthesizer, SyntheticBatch
+
+
+@dataclass
+class DistillSettings:
+    rounds: int = 100               # synthesis rounds
+    kd_steps: int = 10              # student optimizer steps per round
+    batch_size: int = 128           # student batch size (drawn from the memory)
+    optimizer: str = "adamw"        # adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    schedule: str = "cosine"        # cosine | constant
+    warmup: float = 0.0             # fraction of the run spent warming up the learning rate
+    temperature: float = 4.0
+    pool_size: int = 10000          # images kept in the memory (0: only the newest batch)
+    eval_every: int = 10            # rounds between evaluations (0: only at the end)
+    checkpoint_every: int = 10      # rounds between checkpoints (0: never)
+    budget_minutes: Optional[float] = None  # stop after this much wall time (resumes included)
+    amp: str = "auto"               # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | none
+    grad_clip: float = 0.0
+
+
+class Memory:
+    """A ring buffer of synthetic images (stored as float16) with the labels they aimed at."""
+
+    def __init__(self, capacity: int, device: torch.device):
+        self.capacity = int(capacity)
+        self.device = device
+        self.images: Optional[torch.Tensor] = None
+        self.labels: Optional[torch.Tensor] = None
+        self.size = 0
+        self.head = 0
+
+    def add(self, batch: SyntheticBatch) -> None:
+        x = batch.images.detach().to(self.device, torch.float16)
+        y = batch.labels if batch.labels is not None else batch.teacher_logits.argmax(1)
+        y = y.detach().to(self.device)
+        if self.capacity <= 0:
+            self.images, self.labels, self.size, self.head = x, y, len(x), 0
+            return
+        if self.images is None:
+            self.images = torch.empty((self.capacity, *x.shape[1:]), dtype=torch.float16, device=self.device)
+            self.labels = torch.zeros(self.capacity, dtype=torch.long, device=self.device)
+        n = len(x)
+        idx = (self.head + torch.arange(n, device=self.device)) % self.capacity
+        self.images[idx] = x[-self.capacity:] if n > self.capacity else x
+        self.labels[idx] = y[-self.capacity:] if n > self.capacity else y
+        self.head = int((self.head + n) % self.capacity)
+        self.size = min(self.capacity, self.size + n)
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(self.size, (n,), generator=generator).to(self.device)
+        return self.images[idx].float()
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.images is None:
+            return {"size": 0, "head": 0}
+        return {"images": self.images[: self.size if self.capacity > 0 else None].cpu(),
+                "labels": self.labels[: self.size if self.capacity > 0 else None].cpu(),
+                "size": self.size, "head": self.head}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state.get("size"):
+            return
+        x, y = state["images"].to(self.device), state["labels"].to(self.device)
+        if self.capacity > 0:
+            self.images = torch.empty((self.capacity, *x.shape[1:]), dtype=torch.float16, device=self.device)
+            self.labels = torch.zeros(self.capacity, dtype=torch.long, device=self.device)
+            self.images[: len(x)], self.labels[: len(y)] = x, y
+        else:
+            self.images, self.labels = x, y
+        self.size, self.head = int(state["size"]), int(state["head"])
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+
+
+class Distiller:
+    def __init__(
+        self,
+        teacher: Teacher,
+        student: Normalized,
+        synthesizer: Synthesizer,
+        settings: DistillSettings,
+        test_set: Optional[ArrayDataset] = None,
+        augment: Optional[nn.Module] = None,
+        run_dir: Optional[str | Path] = None,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        progress: bool = True,
+        on_round: Optional[Callable[[dict], None]] = None,
+    ):
+        self.teacher, self.student, self.synth = teacher, student, synthesizer
+        self.s = settings
+        self.test_set = test_set
+        self.augment = augment if augment is not None else nn.Identity()
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.device = torch.device(device)
+        self.progress = progress
+        self.on_round = on_round
+        self.memory = Memory(settings.pool_size, self.device)
+        self.rng = torch.Generator().manual_seed(seed + 17)
+        self.optimizer = self._build_optimizer()
+        self.round = 0
+        self.elapsed = 0.0  # wall seconds spent in earlier runs of this job (resume)
+        self.history: list[dict] = []
+        self.amp_dtype = _amp_dtype(settings.amp, self.device)
+        self.writer = None
+
+    # -- setup ---------------------------------------------------------------------------
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        if self.s.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.s.lr, momentum=self.s.momentum,
+                                   weight_decay=self.s.weight_decay, nesterov=True)
+        if self.s.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=self.s.lr, weight_decay=self.s.weight_decay)
+        from dfkd.errors import DfkdError
+
+        raise DfkdError(f"unknown optimizer {self.s.optimizer!r}; choose adamw or sgd")
+
+    def _lr_factor(self, progress: float) -> float:
+        if self.s.warmup > 0 and progress < self.s.warmup:
+            return max(progress / self.s.warmup, 1e-3)
+        if self.s.schedule == "cosine":
+            p = (progress - self.s.warmup) / max(1e-8, 1 - self.s.warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(max(p, 0.0), 1.0)))
+        return 1.0
+
+    def _progress(self, wall: float) -> float:
+        p = self.round / max(1, self.s.rounds)
+        if self.s.budget_minutes:
+            p = max(p, wall / (60.0 * self.s.budget_minutes))
+        return min(p, 1.0)
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # -- checkpoints ---------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Optional[Path]:
+        return self.run_dir / "checkpoint.pt" if self.run_dir else None
+
+    def state_dict(self, wall: float) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "elapsed": wall,
+            "student": self.student.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "synthesizer": self.synth.state_dict(),
+            "memory": self.memory.state_dict(),
+            "rng": self.rng.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "history": json.dumps(self.history),
+        }
+
+    def save_checkpoint(self, wall: float) -> None:
+        if self.checkpoint_path is not None:
+            atomic_torch_save(self.state_dict(wall), self.checkpoint_path)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        st = torch.load(path, map_location="cpu", weights_only=True)
+        self.round = int(st["round"])
+        self.elapsed = float(st["elapsed"])
+        self.student.load_state_dict(st["student"])
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.synth.load_state_dict(st["synthesizer"])
+        self.memory.load_state_dict(st["memory"])
+        self.rng.set_state(st["rng"])
+        torch.set_rng_state(st["torch_rng"])
+        if st["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(st["cuda_rng"])
+        self.history = json.loads(st["history"])
+
+    # -- logging -------------------------------------------------------------------------
+    def _log(self, record: dict) -> None:
+        self.history.append(record)
+        if self.run_dir is not None:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("round",):
+                    self.writer.add_scalar(k, v, record["round"])
+        if self.on_round is not None:
+            self.on_round(record)
+
+    def _rewrite_metrics(self) -> None:
+        if self.run_dir is not None:
+            tmp = self.run_dir / "metrics.jsonl.tmp"
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+            os.replace(tmp, self.run_dir / "metrics.jsonl")
+
+    # -- the loop ------------------------------------------------------------------------
+    def train_student_step(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            xa = self.augment(images)
+            with self._autocast():
+                t = self.teacher(xa)
+        with self._autocast():
+            s = self.student(xa)
+        loss = kd_loss(s, t, self.s.temperature)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.s.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.s.grad_clip)
+        self.optimizer.step()
+        return loss.detach()
+
+    def evaluate(self) -> dict[str, float]:
+        if self.test_set is None:
+            return {}
+        return evaluate(self.student, self.test_set, device=self.device)
+
+    def fit(self, resume: bool = True) -> dict[str, Any]:
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if resume and self.checkpoint_path.is_file():
+                self.load_checkpoint(self.checkpoint_path)
+                self._rewrite_metrics()
+            elif (self.run_dir / "metrics.jsonl").exists():
+                (self.run_dir / "metrics.jsonl").unlink()
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.run_dir / "tb"))
+            except Exception:  # tensorboard is optional
+                self.writer = None
+        self.student.to(self.device).train()
+        self.teacher.to(self.device)
+        start = time.perf_counter() - self.elapsed
+        synth_seconds = 0.0
+        synth_images = 0
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.s.rounds, initial=self.round, desc="distill", unit="round", dynamic_ncols=True)
+        last_eval: dict[str, float] = {}
+        try:
+            while self.round < self.s.rounds:
+                wall = time.perf_counter() - start
+                if self.s.budget_minutes and wall >= 60.0 * self.s.budget_minutes:
+                    break
+                t0 = time.perf_counter()
+                batch = self.synth.step(self.student if self.synth.uses_student else None)
+                synth_seconds += time.perf_counter() - t0
+                synth_images += len(batch)
+                self.memory.add(batch)
+                self.student.train()
+                lr = self.s.lr * self._lr_factor(self._progress(wall))
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr
+                losses = [self.train_student_step(self.memory.sample(self.s.batch_size, self.rng))
+                          for _ in range(self.s.kd_steps)]
+                self.round += 1
+                wall = time.perf_counter() - start
+                record: dict[str, Any] = {"round": self.round, "wall": round(wall, 3), "lr": lr,
+                                          "kd_loss": float(torch.stack(losses).mean()) if losses else 0.0,
+                                          **batch.stats}
+                final = self.round >= self.s.rounds or (
+                    self.s.budget_minutes and wall >= 60.0 * self.s.budget_minutes)
+                if (self.s.eval_every and self.round % self.s.eval_every == 0) or final:
+                    last_eval = self.evaluate()
+                    record.update({f"test/{k}": v for k, v in last_eval.items()})
+                self._log(record)
+                if self.s.checkpoint_every and self.round % self.s.checkpoint_every == 0:
+                    self.save_checkpoint(time.perf_counter() - start)
+                if bar is not None:
+                    bar.update(1)
+                    post = {"kd": f"{record['kd_loss']:.3f}"}
+                    if last_eval:
+                        post["top1"] = f"{last_eval['top1']:.3f}"
+                    bar.set_postfix(post)
+        finally:
+            if bar is not None:
+                bar.close()
+            if self.writer is not None:
+                self.writer.close()
+        wall = time.perf_counter() - start
+        if not last_eval or self.history and "test/top1" not in self.history[-1]:
+            last_eval = self.evaluate()
+        self.save_checkpoint(wall)
+        return {
+            "rounds": self.round,
+            "wall_seconds": wall,
+            "student_top1": last_eval.get("top1"),
+            "student_top5": last_eval.get("top5"),
+            "synth_seconds_this_session": synth_seconds,
+            "synth_images_per_second": synth_images / synth_seconds if synth_seconds > 0 else None,
+        }

@@ -1,0 +1,9 @@
+"""How synthetic images are made: one module per method, all behind one protocol.
+
+Importing this package registers the built-in synthesizers in :data:`SYNTHESIZERS`.
+"""
+
+from generators.base import SYNTHESIZERS, Synthesizer, SyntheticBatch, build_synthesizer
+from generators import baselines, inversion, adversarial  # noqa: F401  (registration)
+
+__all__ = ["SYNTHESIZERS", "Synthesizer", "SyntheticBatch", "build_synthesizer"]

@@ -1,0 +1,130 @@
+"""Generator networks trained against the student (DAFL, DFAD, Fast-DFKD family).
+
+Each :meth:`AdversarialGenerator.step` runs ``g_steps`` updates of the generator on
+
+    ce · CE(teacher(x), y) + bn · R_feature(x) + ie · (−H(mean teacher softmax)) − adv · D(student(x), teacher(x))
+
+then returns a batch from the updated generator. ``y`` are sampled classes when the generator
+is conditional (label-embedding input), otherwise the teacher's own arg-max (DAFL's one-hot
+loss). ``D`` is KL (Fast-DFKD) or L1 on logits (DFAD). The Distiller then trains the student on
+these images (and a memory of past ones), which closes the adversarial loop.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dfkd.augment import random_jitter
+from dfkd.errors import DfkdError
+from dfkd.hooks import resolve_prior_name
+from dfkd.losses import kd_loss
+from generators.base import SYNTHESIZERS, Synthesizer, SyntheticBatch
+from generators.nets import Generator
+
+
+@SYNTHESIZERS.register("adversarial")
+class AdversarialGenerator(Synthesizer):
+    uses_student = True
+
+    def __init__(
+        self,
+        teacher,
+        batch_size: int = 64,
+        seed: int = 0,
+        device="cpu",
+        nz: int = 100,
+        ngf: int = 64,
+        conditional: bool = True,
+        g_steps: int = 5,
+        lr: float = 1e-3,
+        prior: str = "auto",
+        bn: float = 1.0,
+        first_bn_multiplier: float = 1.0,
+        ce: float = 1.0,
+        ie: float = 0.0,
+        adv: float = 1.0,
+        adv_loss: str = "kl",
+        jitter: int = 1,
+        **_: object,
+    ):
+        super().__init__(teacher, batch_size, seed, device)
+        c, h, w = self.input_size
+        if h != w:
+            raise DfkdError(f"the adversarial generator makes square images; the teacher takes {h}×{w}")
+        if adv_loss not in ("kl", "l1"):
+            raise DfkdError(f"adv_loss must be 'kl' or 'l1', got {adv_loss!r}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            self.generator = Generator(nz, ngf, h, c, self.num_classes if conditional else None).to(self.device)
+        self.conditional = bool(conditional)
+        self.nz, self.g_steps = int(nz), int(g_steps)
+        self.opt = torch.optim.Adam(self.generator.parameters(), lr=float(lr), betas=(0.5, 0.999))
+        self.w_bn, self.w_ce, self.w_ie, self.w_adv = map(float, (bn, ce, ie, adv))
+        self.first_bn_multiplier = float(first_bn_multiplier)
+        self.adv_loss = adv_loss
+        self.jitter = int(jitter)
+        self.prior_name = resolve_prior_name(teacher.model, prior) if self.w_bn > 0 else None
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"generator": self.generator}
+
+    def _discrepancy(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.adv_loss == "l1":
+            return F.l1_loss(s.float(), t.float())
+        return kd_loss(s, t, 1.0)
+
+    def step(self, student: nn.Module | None = None) -> SyntheticBatch:
+        use_adv = self.w_adv > 0 and student is not None
+        was_training = student.training if student is not None else False
+        if use_adv:
+            student.eval()
+        self.generator.train()
+        kwargs = {"first_weight": self.first_bn_multiplier} if self.prior_name == "batchnorm" else {}
+        ctx = self.teacher.statistics(self.prior_name, **kwargs) if self.prior_name else nullcontext()
+        params = list(self.generator.parameters())
+        with ctx as prior:
+            for _ in range(self.g_steps):
+                z = self.randn(self.batch_size, self.nz)
+                y = self.sample_labels(self.batch_size) if self.conditional else None
+                x = self.generator(z, y)
+                xa = random_jitter(x, self.jitter, self.cpu_rng)
+                t = self.teacher(xa).float()
+                target = y if y is not None else t.argmax(1)
+                loss_ce = F.cross_entropy(t, target)
+                loss = self.w_ce * loss_ce
+                loss_prior = prior.loss() if prior is not None else torch.zeros((), device=x.device)
+                loss = loss + self.w_bn * loss_prior
+                if self.w_ie > 0:
+                    p_mean = F.softmax(t, dim=1).mean(0)
+                    loss = loss + self.w_ie * (p_mean * p_mean.clamp_min(1e-8).log()).sum()
+                loss_adv = torch.zeros((), device=x.device)
+                if use_adv:
+                    loss_adv = -self._discrepancy(student(xa), t)
+                    loss = loss + self.w_adv * loss_adv
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward(inputs=params)
+                self.opt.step()
+        if use_adv:
+            student.train(was_training)
+        with torch.no_grad():  # same (train) mode as the steps above: BatchNorm uses batch statistics
+            z = self.randn(self.batch_size, self.nz)
+            y = self.sample_labels(self.batch_size) if self.conditional else None
+            x = self.generator(z, y)
+            t = self.teacher(x).float()
+        labels = y if y is not None else t.argmax(1)
+        stats = {"syn/ce": float(loss_ce.detach()), "syn/prior": float(loss_prior.detach()),
+                 "syn/adv": float(loss_adv.detach()), "syn/teacher_acc": float((t.argmax(1) == labels).float().mean())}
+        return SyntheticBatch(images=x, labels=labels, teacher_logits=t, stats=stats)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "generator": self.generator.state_dict(), "opt": self.opt.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.generator.load_state_dict(state["generator"])
+        self.opt.load_state_dict(state["opt"])
