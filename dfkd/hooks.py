@@ -122,12 +122,12 @@ PRIORS.register("batchnorm")(BatchNormPrior)
 def resolve_prior_name(model: nn.Module, kind: str = "auto") -> str:
     """Pick the prior for ``model``: ``auto`` takes BatchNorm statistics where there are any."""
     if kind != "auto":
-        PRIORS.get(kind)  # raises with close matches when unknown
+        PRIORS.get(kind)(model)  # raises: unknown name (with close matches), or a prior that does not fit
         return kind
     if batchnorm_layers(model):
         return "batchnorm"
-    for name in ("vit_patch_entropy",):
-        if name in PRIORS and getattr(PRIORS.get(name), "fits", lambda m: False)(model):
+    for name in PRIORS:
+        if getattr(PRIORS.get(name), "fits", lambda m: False)(model):
             return name
     raise DfkdError(
         f"no statistics prior fits a {type(model).__name__} teacher (it has no BatchNorm layers); "

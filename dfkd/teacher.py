@@ -42,8 +42,8 @@ class Normalized(nn.Module):
 
     def metadata(self) -> dict:
         return {
-            "mean": self.mean.flatten().tolist(),
-            "std": self.std.flatten().tolist(),
+            "mean": [round(v, 6) for v in self.mean.flatten().tolist()],
+            "std": [round(v, 6) for v in self.std.flatten().tolist()],
             "input_size": list(self.input_size),
             "num_classes": self.num_classes,
         }

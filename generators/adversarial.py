@@ -12,6 +12,7 @@ these images (and a memory of past ones), which closes the adversarial loop.
 
 from __future__ import annotations
 
+import copy
 from contextlib import nullcontext
 from typing import Any
 
@@ -50,7 +51,6 @@ class AdversarialGenerator(Synthesizer):
         adv: float = 1.0,
         adv_loss: str = "kl",
         jitter: int = 1,
-        **_: object,
     ):
         super().__init__(teacher, batch_size, seed, device)
         c, h, w = self.input_size
@@ -122,7 +122,9 @@ class AdversarialGenerator(Synthesizer):
         return SyntheticBatch(images=x, labels=labels, teacher_logits=t, stats=stats)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "generator": self.generator.state_dict(), "opt": self.opt.state_dict()}
+        # a snapshot, not views of the live tensors (they keep changing in place)
+        return copy.deepcopy({**super().state_dict(), "generator": self.generator.state_dict(),
+                              "opt": self.opt.state_dict()})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)

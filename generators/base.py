@@ -35,6 +35,8 @@ class Synthesizer:
 
     #: whether ``step`` needs the current student (adversarial terms)
     uses_student: bool = False
+    #: whether the synthesizer reads real training images (only the real-data ceiling does)
+    needs_real_data: bool = False
 
     def __init__(self, teacher: Teacher, batch_size: int = 64, seed: int = 0,
                  device: torch.device | str = "cpu"):

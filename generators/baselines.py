@@ -14,7 +14,7 @@ class NoiseSynthesizer(Synthesizer):
     """Images of i.i.d. Gaussian pixels, N(mean, std²) clamped to [0, 1]: the noise-KD floor."""
 
     def __init__(self, teacher, batch_size: int = 64, seed: int = 0, device="cpu",
-                 mean: float = 0.5, std: float = 0.25, **_: object):
+                 mean: float = 0.5, std: float = 0.25):
         super().__init__(teacher, batch_size, seed, device)
         self.mean, self.std = float(mean), float(std)
 
@@ -27,8 +27,10 @@ class NoiseSynthesizer(Synthesizer):
 class RealDataSynthesizer(Synthesizer):
     """Batches of real training images: the real-data-KD ceiling (labels are not used for training)."""
 
+    needs_real_data = True
+
     def __init__(self, teacher, dataset: ArrayDataset | None = None, batch_size: int = 64, seed: int = 0,
-                 device="cpu", **_: object):
+                 device="cpu"):
         super().__init__(teacher, batch_size, seed, device)
         if dataset is None:
             from dfkd.errors import DfkdError

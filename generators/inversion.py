@@ -43,7 +43,6 @@ class DeepInversion(Synthesizer):
         jitter: int = 2,
         flip: bool = True,
         init_std: float = 0.2,
-        **_: object,
     ):
         super().__init__(teacher, batch_size, seed, device)
         self.iterations = int(iterations)

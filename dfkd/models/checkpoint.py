@@ -56,6 +56,10 @@ def load_checkpoint_into(model: nn.Module, path: str | Path) -> None:
     """Load ``path`` into ``model`` strictly; a mismatch is a one-line :class:`DfkdError`."""
     state = read_state_dict(path)
     own = model.state_dict()
+    # old checkpoints predate BatchNorm's num_batches_tracked counter: keep the model's own
+    for k in own:
+        if k.endswith("num_batches_tracked") and k not in state:
+            state[k] = own[k]
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shape = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
@@ -84,6 +88,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

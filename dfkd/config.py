@@ -1,0 +1,130 @@
+"""Typed configuration schemas, registered in Hydra's ConfigStore.
+
+The YAML files under ``configs/`` fill these; a key that does not exist, a value of the wrong
+type or an enum value outside its choices fails when the config is composed, before any work.
+Synthesizer settings are checked against the chosen synthesizer's own keyword arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class Optimizer(str, Enum):
+    adamw = "adamw"
+    sgd = "sgd"
+
+
+class Schedule(str, Enum):
+    cosine = "cosine"
+    constant = "constant"
+
+
+class Amp(str, Enum):
+    auto = "auto"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    none = "none"
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    root: Optional[str] = None          # folder of the dataset files (CIFAR-10 .npz, ...)
+    seed: int = 0                       # split seed (digits) / subset seed
+    test_fraction: float = 0.3          # digits only
+    train_limit: Optional[int] = None   # use a random subset of the train split
+    test_limit: Optional[int] = None    # use a random subset of the test split
+
+
+@dataclass
+class TeacherTrainConfig:
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 0.05
+    weight_decay: float = 5e-4
+    crop_padding: int = 1
+    flip: bool = False
+
+
+@dataclass
+class TeacherConfig:
+    model: str = MISSING
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    checkpoint: Optional[str] = None    # local file; none: train on the data's train split and cache
+    train_if_missing: bool = False      # train (and cache) when no checkpoint is given
+    mean: Optional[List[float]] = None  # input normalisation; default: the dataset's
+    std: Optional[List[float]] = None
+    train: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
+
+
+@dataclass
+class StudentConfig:
+    model: str = MISSING
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    checkpoint: Optional[str] = None    # initialise from a local file
+
+
+@dataclass
+class AugmentConfig:
+    crop_padding: Optional[int] = None  # default: an eighth of the image side
+    flip: bool = True
+    translate: float = 0.0
+    color: bool = False
+
+
+@dataclass
+class DistillConfig:
+    rounds: int = 100
+    kd_steps: int = 10
+    batch_size: int = 128
+    optimizer: Optimizer = Optimizer.adamw
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    schedule: Schedule = Schedule.cosine
+    warmup: float = 0.0
+    temperature: float = 4.0
+    pool_size: int = 10000
+    eval_every: int = 10
+    checkpoint_every: int = 10
+    budget_minutes: Optional[float] = None
+    amp: Amp = Amp.auto
+    grad_clip: float = 0.0
+
+
+@dataclass
+class DistillAppConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    synthesizer: Dict[str, Any] = field(default_factory=dict)  # {name: ..., <its settings>}
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    seed: int = 0
+    device: str = "auto"                # auto | cpu | cuda | cuda:N
+    resume: bool = True                 # continue from run_dir/checkpoint.pt when present
+    progress: bool = True
+    threads: Optional[int] = None       # CPU threads for torch (default: torch's choice)
+
+
+@dataclass
+class TrainTeacherAppConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    output: Optional[str] = None        # where the checkpoint goes; default: the run folder
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+    threads: Optional[int] = None
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="distill_schema", node=DistillAppConfig)
+    cs.store(name="train_teacher_schema", node=TrainTeacherAppConfig)

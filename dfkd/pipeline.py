@@ -1,0 +1,243 @@
+"""From a composed config to objects and a finished run. The CLI commands only call these."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import dfkd
+from dfkd.augment import build_augment
+from dfkd.data import DataSpec, load_dataset
+from dfkd.distill import Distiller, DistillSettings, resolve_device
+from dfkd.errors import DfkdError, close_matches
+from dfkd.eval.classification import evaluate
+from dfkd.models import build_model, count_parameters
+from dfkd.models.checkpoint import atomic_write_json, save_model
+from dfkd.teacher import Normalized, Teacher
+
+log = logging.getLogger("dfkd")
+
+
+def _plain(node: Any) -> Any:
+    """OmegaConf node → plain Python (enums as their string values)."""
+    if isinstance(node, (DictConfig,)) or OmegaConf.is_config(node):
+        node = OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+    return node
+
+
+def cache_dir() -> Path:
+    if os.environ.get("DFKD_CACHE"):
+        return Path(os.environ["DFKD_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "dfkd"
+
+
+def setup_runtime(cfg: Mapping[str, Any]) -> torch.device:
+    device_name = str(cfg.get("device", "auto"))
+    if device_name not in ("auto", "cpu", "cuda", "mps") and not device_name.startswith("cuda:"):
+        raise DfkdError(f"device must be auto, cpu, cuda or cuda:N, got {device_name!r}")
+    device = resolve_device(device_name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DfkdError(f"device {device_name!r} asked for, but torch sees no CUDA device")
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    torch.manual_seed(int(cfg.get("seed", 0)))
+    return device
+
+
+def load_data(data_cfg: Mapping[str, Any]) -> DataSpec:
+    kw = dict(_plain(data_cfg))
+    name = kw.pop("name")
+    return load_dataset(name, **{k: v for k, v in kw.items() if v is not None})
+
+
+def _wrap_kwargs(data: DataSpec, kwargs: dict) -> dict:
+    kw = {"num_classes": data.num_classes, **kwargs}
+    return kw
+
+
+def build_teacher(teacher_cfg: Mapping[str, Any], data: DataSpec, device: torch.device,
+                  seed: int = 0, progress: bool = True) -> Teacher:
+    """Build the teacher from its config; with no checkpoint and ``train_if_missing``, train and cache it."""
+    tc = _plain(teacher_cfg)
+    kwargs = _wrap_kwargs(data, tc.get("kwargs") or {})
+    mean = tc.get("mean") or list(data.mean)
+    std = tc.get("std") or list(data.std)
+    ckpt = tc.get("checkpoint")
+    model = build_model(tc["model"], **kwargs)
+    if ckpt:
+        from dfkd.models.checkpoint import load_checkpoint_into
+
+        load_checkpoint_into(model, ckpt)
+    elif tc.get("train_if_missing"):
+        if data.train is None:
+            raise DfkdError("teacher.train_if_missing needs a dataset with a train split")
+        key = json.dumps({"model": tc["model"], "kwargs": kwargs, "train": tc.get("train"), "mean": mean,
+                          "std": std, "data": data.name, "n_train": len(data.train), "seed": seed},
+                         sort_keys=True)
+        digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+        path = cache_dir() / "teachers" / f"{data.name}_{tc['model']}_{digest}.safetensors"
+        if path.is_file():
+            log.info("teacher: cached %s", path)
+            from dfkd.models.checkpoint import load_checkpoint_into
+
+            load_checkpoint_into(model, path)
+        else:
+            log.info("teacher: training %s on the %s train split (cached at %s)", tc["model"], data.name, path)
+            net = Normalized(model, mean, std, data.input_size, data.num_classes)
+            tr = tc.get("train") or {}
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                train_classifier_from_cfg(net, data, tr, device, seed, progress)
+            save_model(model, path, build={"model": tc["model"], "kwargs": kwargs, "mean": mean, "std": std,
+                                           "input_size": list(data.input_size)})
+    else:
+        raise DfkdError(f"teacher {tc['model']!r} has no checkpoint: set teacher.checkpoint=PATH "
+                        "(or teacher.train_if_missing=true to train one on the data's train split)")
+    return Teacher(model, mean, std, data.input_size, data.num_classes).to(device)
+
+
+def train_classifier_from_cfg(net: Normalized, data: DataSpec, tr: Mapping[str, Any], device, seed: int,
+                              progress: bool) -> dict[str, float]:
+    from dfkd.train import train_classifier
+
+    aug = build_augment(data.input_size, crop_padding=int(tr.get("crop_padding", 1)), flip=bool(tr.get("flip", False)))
+    return train_classifier(net, data.train, data.test, epochs=int(tr.get("epochs", 30)),
+                            batch_size=int(tr.get("batch_size", 64)), lr=float(tr.get("lr", 0.05)),
+                            weight_decay=float(tr.get("weight_decay", 5e-4)), augment=aug, device=device,
+                            seed=seed, progress=progress)
+
+
+def build_student(student_cfg: Mapping[str, Any], teacher: Teacher) -> tuple[Normalized, dict]:
+    sc = _plain(student_cfg)
+    kwargs = {"num_classes": teacher.num_classes, **(sc.get("kwargs") or {})}
+    model = build_model(sc["model"], checkpoint=sc.get("checkpoint"), **kwargs)
+    meta = teacher.metadata()
+    student = Normalized(model, meta["mean"], meta["std"], teacher.input_size, teacher.num_classes)
+    build = {"model": sc["model"], "kwargs": kwargs, **meta, "dfkd_version": dfkd.__version__}
+    return student, build
+
+
+def build_synthesizer_from_cfg(syn_cfg: Mapping[str, Any], teacher: Teacher, data: DataSpec, seed: int,
+                               device: torch.device):
+    from generators import SYNTHESIZERS
+
+    kw = dict(_plain(syn_cfg))
+    if "name" not in kw:
+        raise DfkdError(f"synthesizer.name is missing; known: {', '.join(SYNTHESIZERS)}")
+    name = kw.pop("name")
+    cls = SYNTHESIZERS.get(name)
+    params = inspect.signature(cls.__init__).parameters
+    allowed = [p for p in params if p not in ("self", "teacher", "dataset", "seed", "device")]
+    for k in kw:
+        if k not in allowed:
+            raise DfkdError(f"unknown setting synthesizer.{k} for {name!r}{close_matches(k, allowed)}; "
+                            f"its settings: {', '.join(allowed)}")
+    if getattr(cls, "needs_real_data", False):
+        if data.train is None:
+            raise DfkdError(f"synthesizer {name!r} needs the dataset's train split")
+        kw["dataset"] = data.train
+    try:
+        return cls(teacher=teacher, seed=seed, device=device, **kw)
+    except (TypeError, ValueError) as e:
+        raise DfkdError(f"synthesizer {name!r}: {e}") from None
+
+
+def save_sample_grid(images: torch.Tensor, labels: torch.Tensor, path: Path, num_classes: int,
+                     per_class: int = 8, min_side: int = 32) -> None:
+    """A PNG with one row of up to ``per_class`` images per class."""
+    from torchvision.utils import save_image
+
+    rows = []
+    c, h, w = images.shape[1:]
+    for k in range(num_classes):
+        sel = images[labels == k][:per_class].float()
+        pad = torch.ones(per_class - len(sel), c, h, w)
+        rows.append(torch.cat([sel.cpu(), pad]))
+    grid = torch.cat(rows)
+    scale = max(1, min_side // max(h, w))
+    if scale > 1:
+        grid = torch.nn.functional.interpolate(grid, scale_factor=scale, mode="nearest")
+    if c == 1:
+        grid = grid.repeat(1, 3, 1, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    save_image(grid.clamp(0, 1), str(tmp), nrow=per_class, padding=1, pad_value=1.0)
+    os.replace(tmp, path)
+
+
+def hardware() -> dict[str, Any]:
+    info = {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
+            "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def run_distill(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path) -> dict[str, Any]:
+    """Everything ``dfkd-distill`` does: build, distil, evaluate, write the run folder."""
+    t_start = time.perf_counter()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = setup_runtime(cfg)
+    seed = int(cfg["seed"])
+    progress = bool(cfg.get("progress", True))
+    data = load_data(cfg["data"])
+    teacher = build_teacher(cfg["teacher"], data, device, seed=seed, progress=progress)
+    t_teacher = time.perf_counter() - t_start
+    teacher_eval = evaluate(teacher, data.test, device=device)
+    student, build = build_student(cfg["student"], teacher)
+    synth = build_synthesizer_from_cfg(cfg["synthesizer"], teacher, data, seed, device)
+    settings = DistillSettings(**_plain(cfg["distill"]))
+    aug = build_augment(data.input_size, **_plain(cfg["augment"]))
+    atomic_write_json(run_dir / "config.json", _plain(cfg))
+    distiller = Distiller(teacher, student, synth, settings, data.test, augment=aug, run_dir=run_dir,
+                          device=device, seed=seed, progress=progress)
+    result = distiller.fit(resume=bool(cfg.get("resume", True)))
+    save_model(student.model, run_dir / "student.safetensors", build=build)
+    if distiller.memory.size:
+        save_sample_grid(distiller.memory.images[: distiller.memory.size].float(),
+                         distiller.memory.labels[: distiller.memory.size], run_dir / "samples.png",
+                         teacher.num_classes)
+    summary = {
+        "teacher_top1": teacher_eval["top1"],
+        "student_top1": result["student_top1"],
+        "student_top5": result["student_top5"],
+        "wall_seconds": time.perf_counter() - t_start,
+        "teacher_seconds": t_teacher,
+        "distill_seconds": result["wall_seconds"],
+        "rounds": result["rounds"],
+        "synthesizer": _plain(cfg["synthesizer"]).get("name"),
+        "synth_images_per_second": result["synth_images_per_second"],
+        "student_params": count_parameters(student.model),
+        "teacher_params": count_parameters(teacher.model),
+        "device": str(device),
+        "seed": seed,
+        "hardware": hardware(),
+        "dfkd_version": dfkd.__version__,
+    }
+    atomic_write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def format_summary(summary: Mapping[str, Any], run_dir: Path) -> str:
+    rows = [
+        ("teacher top-1", f"{summary['teacher_top1']:.4f}"),
+        ("student top-1", f"{summary['student_top1']:.4f}" if summary.get("student_top1") is not None else "-"),
+        ("synthesizer", str(summary.get("synthesizer"))),
+        ("wall time", f"{summary['wall_seconds']:.1f} s"),
+        ("run folder", str(run_dir)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,60 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data() -> Path | None:
+    """The real-data folder (CIFAR-10 .npz, pretrained teachers), from DFKD_DATA."""
+    p = os.environ.get("DFKD_DATA")
+    return Path(p) if p and Path(p).is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("dfkd_cache")
+    os.environ["DFKD_CACHE"] = str(d)
+    return d
+
+
+@pytest.fixture
+def bn_teacher():
+    """A tiny BatchNorm CNN teacher on 8×8 RGB images with non-trivial running statistics."""
+    from dfkd.models import build_model
+    from dfkd.teacher import Teacher
+
+    torch.manual_seed(0)
+    m = build_model("small_cnn", num_classes=4, in_chans=3, width=8)
+    m.train()
+    with torch.no_grad():
+        for _ in range(5):
+            m(torch.randn(32, 3, 8, 8) * 0.5 + 0.2)
+        m.head.weight.mul_(10.0)  # confident logits, as a trained teacher has
+    return Teacher(m, [0.5] * 3, [0.25] * 3, (3, 8, 8), 4)
+
+
+@pytest.fixture
+def tiny_vit_student():
+    from dfkd.models import build_model
+    from dfkd.teacher import Normalized
+
+    torch.manual_seed(1)
+    m = build_model("vit_tiny_patch16_224", img_size=8, patch_size=4, in_chans=3, num_classes=4,
+                    embed_dim=16, depth=1, num_heads=2, global_pool="avg", class_token=False)
+    return Normalized(m, [0.5] * 3, [0.25] * 3, (3, 8, 8), 4)
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run an installed console command (through ``python -m`` so the test's interpreter is used)."""
+    module = {"dfkd-distill": "dfkd.cli.distill", "dfkd-train-teacher": "dfkd.cli.train_teacher"}[args[0]]
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", module, *args[1:]], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=str(ROOT))
