@@ -119,18 +119,19 @@ def train_classifier_from_cfg(net: Normalized, data: DataSpec, tr: Mapping[str, 
                             seed=seed, progress=progress)
 
 
-def build_student(student_cfg: Mapping[str, Any], teacher: Teacher) -> tuple[Normalized, dict]:
+def build_student(student_cfg: Mapping[str, Any], data: DataSpec, mean, std) -> tuple[Normalized, dict]:
+    """The student takes [0, 1] images normalised like the teacher's."""
     sc = _plain(student_cfg)
-    kwargs = {"num_classes": teacher.num_classes, **(sc.get("kwargs") or {})}
+    kwargs = {"num_classes": data.num_classes, **(sc.get("kwargs") or {})}
     model = build_model(sc["model"], checkpoint=sc.get("checkpoint"), **kwargs)
-    meta = teacher.metadata()
-    student = Normalized(model, meta["mean"], meta["std"], teacher.input_size, teacher.num_classes)
+    student = Normalized(model, mean, std, data.input_size, data.num_classes)
+    meta = student.metadata()
     build = {"model": sc["model"], "kwargs": kwargs, **meta, "dfkd_version": dfkd.__version__}
     return student, build
 
 
-def build_synthesizer_from_cfg(syn_cfg: Mapping[str, Any], teacher: Teacher, data: DataSpec, seed: int,
-                               device: torch.device):
+def check_synthesizer_cfg(syn_cfg: Mapping[str, Any]) -> tuple[type, str, dict]:
+    """The synthesizer class and its settings, each checked against the class's own arguments."""
     from generators import SYNTHESIZERS
 
     kw = dict(_plain(syn_cfg))
@@ -144,6 +145,12 @@ def build_synthesizer_from_cfg(syn_cfg: Mapping[str, Any], teacher: Teacher, dat
         if k not in allowed:
             raise DfkdError(f"unknown setting synthesizer.{k} for {name!r}{close_matches(k, allowed)}; "
                             f"its settings: {', '.join(allowed)}")
+    return cls, name, kw
+
+
+def build_synthesizer_from_cfg(syn_cfg: Mapping[str, Any], teacher: Teacher, data: DataSpec, seed: int,
+                               device: torch.device):
+    cls, name, kw = check_synthesizer_cfg(syn_cfg)
     if getattr(cls, "needs_real_data", False):
         if data.train is None:
             raise DfkdError(f"synthesizer {name!r} needs the dataset's train split")
@@ -194,13 +201,16 @@ def run_distill(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path) -> dic
     seed = int(cfg["seed"])
     progress = bool(cfg.get("progress", True))
     data = load_data(cfg["data"])
+    # everything cheap to check is checked before the teacher (which may need training)
+    tc = _plain(cfg["teacher"])
+    student, build = build_student(cfg["student"], data, tc.get("mean") or data.mean, tc.get("std") or data.std)
+    check_synthesizer_cfg(cfg["synthesizer"])
+    settings = DistillSettings(**_plain(cfg["distill"]))
+    aug = build_augment(data.input_size, **_plain(cfg["augment"]))
     teacher = build_teacher(cfg["teacher"], data, device, seed=seed, progress=progress)
     t_teacher = time.perf_counter() - t_start
     teacher_eval = evaluate(teacher, data.test, device=device)
-    student, build = build_student(cfg["student"], teacher)
     synth = build_synthesizer_from_cfg(cfg["synthesizer"], teacher, data, seed, device)
-    settings = DistillSettings(**_plain(cfg["distill"]))
-    aug = build_augment(data.input_size, **_plain(cfg["augment"]))
     atomic_write_json(run_dir / "config.json", _plain(cfg))
     distiller = Distiller(teacher, student, synth, settings, data.test, augment=aug, run_dir=run_dir,
                           device=device, seed=seed, progress=progress)

@@ -8,6 +8,7 @@ Hydra takes over, so they never reach Hydra's multi-line report.
 from __future__ import annotations
 
 import functools
+import re
 import os
 import sys
 from pathlib import Path
@@ -39,6 +40,21 @@ def fail(prog: str, message: str, code: int = EXIT_USAGE) -> None:
     sys.exit(code)
 
 
+def _chain_message(e: BaseException) -> str:
+    """The messages of an exception and its causes (Hydra wraps the useful one)."""
+    parts, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        msg = one_line(str(e))
+        # OmegaConf appends "full_key: ... object_type=..." context lines: keep the message only
+        msg = msg.split("; full_key:")[0].split("; Config search path")[0]
+        msg = re.sub(r"(Available options in '[^']+':); ", r"\1 ", msg)
+        if msg and msg not in parts and "$VALUE" not in msg:
+            parts.append(msg)
+        e = e.__cause__ or e.__context__
+    return ": ".join(parts)
+
+
 def _plain_overrides(args: list[str]) -> bool:
     return all(not a.startswith("-") for a in args)
 
@@ -61,7 +77,7 @@ def validate_overrides(config_name: str, args: list[str]) -> None:
     except DfkdError:
         raise
     except Exception as e:  # hydra / omegaconf errors: bad key, bad value, bad group choice
-        raise DfkdError(str(e)) from None
+        raise DfkdError(_chain_message(e)) from None
     finally:
         GlobalHydra.instance().clear()
 
