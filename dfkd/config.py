@@ -25,6 +25,11 @@ class Schedule(str, Enum):
     constant = "constant"
 
 
+class TeacherLogits(str, Enum):
+    live = "live"      # query the teacher on every augmented batch
+    stored = "stored"  # use the logits stored with the images (no augmentation)
+
+
 class Amp(str, Enum):
     auto = "auto"
     bf16 = "bf16"
@@ -89,13 +94,13 @@ class DistillConfig:
     momentum: float = 0.9
     schedule: Schedule = Schedule.cosine
     warmup: float = 0.0
-    temperature: float = 4.0
     pool_size: int = 10000
     eval_every: int = 10
     checkpoint_every: int = 10
     budget_minutes: Optional[float] = None
     amp: Amp = Amp.auto
     grad_clip: float = 0.0
+    teacher_logits: TeacherLogits = TeacherLogits.live
 
 
 @dataclass
@@ -104,6 +109,7 @@ class DistillAppConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     synthesizer: Dict[str, Any] = field(default_factory=dict)  # {name: ..., <its settings>}
+    loss: Dict[str, Any] = field(default_factory=dict)         # {name: ..., <its settings>}
     distill: DistillConfig = field(default_factory=DistillConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     seed: int = 0

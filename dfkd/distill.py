@@ -23,7 +23,7 @@ from torch import nn
 
 from dfkd.data import ArrayDataset
 from dfkd.eval.classification import evaluate
-from dfkd.losses import kd_loss
+from dfkd.losses.student import LogitKD, StudentLoss
 from dfkd.models.checkpoint import atomic_torch_save
 from dfkd.teacher import Normalized, Teacher
 from generators.base import Synthesizer, SyntheticBatch
@@ -40,13 +40,14 @@ class DistillSettings:
     momentum: float = 0.9
     schedule: str = "cosine"        # cosine | constant
     warmup: float = 0.0             # fraction of the run spent warming up the learning rate
-    temperature: float = 4.0
     pool_size: int = 10000          # images kept in the memory (0: only the newest batch)
     eval_every: int = 10            # rounds between evaluations (0: only at the end)
     checkpoint_every: int = 10      # rounds between checkpoints (0: never)
     budget_minutes: Optional[float] = None  # stop after this much wall time (resumes included)
     amp: str = "auto"               # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | none
     grad_clip: float = 0.0
+    teacher_logits: str = "live"    # live: query the teacher on each augmented batch | stored: use the
+                                    # logits that came with the batch (no augmentation, no teacher needed)
 
 
 class Memory:
@@ -57,6 +58,7 @@ class Memory:
         self.device = device
         self.images: Optional[torch.Tensor] = None
         self.labels: Optional[torch.Tensor] = None
+        self.logits: Optional[torch.Tensor] = None
         self.size = 0
         self.head = 0
 
@@ -64,40 +66,43 @@ class Memory:
         x = batch.images.detach().to(self.device, torch.float16)
         y = batch.labels if batch.labels is not None else batch.teacher_logits.argmax(1)
         y = y.detach().to(self.device)
+        t = batch.teacher_logits.detach().to(self.device, torch.float16)
         if self.capacity <= 0:
-            self.images, self.labels, self.size, self.head = x, y, len(x), 0
+            self.images, self.labels, self.logits, self.size, self.head = x, y, t, len(x), 0
             return
         if self.images is None:
             self.images = torch.empty((self.capacity, *x.shape[1:]), dtype=torch.float16, device=self.device)
             self.labels = torch.zeros(self.capacity, dtype=torch.long, device=self.device)
-        n = len(x)
+            self.logits = torch.zeros((self.capacity, t.shape[1]), dtype=torch.float16, device=self.device)
+        n = min(len(x), self.capacity)
         idx = (self.head + torch.arange(n, device=self.device)) % self.capacity
-        self.images[idx] = x[-self.capacity:] if n > self.capacity else x
-        self.labels[idx] = y[-self.capacity:] if n > self.capacity else y
+        self.images[idx], self.labels[idx], self.logits[idx] = x[-n:], y[-n:], t[-n:]
         self.head = int((self.head + n) % self.capacity)
         self.size = min(self.capacity, self.size + n)
 
-    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` random images (float32) and the teacher logits stored with them."""
         idx = torch.randint(self.size, (n,), generator=generator).to(self.device)
-        return self.images[idx].float()
+        return self.images[idx].float(), self.logits[idx].float()
 
     def state_dict(self) -> dict[str, Any]:
         if self.images is None:
             return {"size": 0, "head": 0}
-        return {"images": self.images[: self.size if self.capacity > 0 else None].cpu(),
-                "labels": self.labels[: self.size if self.capacity > 0 else None].cpu(),
-                "size": self.size, "head": self.head}
+        end = self.size
+        return {"images": self.images[:end].cpu(), "labels": self.labels[:end].cpu(),
+                "logits": self.logits[:end].cpu(), "size": self.size, "head": self.head}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state.get("size"):
             return
-        x, y = state["images"].to(self.device), state["labels"].to(self.device)
+        x, y, t = (state[k].to(self.device) for k in ("images", "labels", "logits"))
         if self.capacity > 0:
             self.images = torch.empty((self.capacity, *x.shape[1:]), dtype=torch.float16, device=self.device)
             self.labels = torch.zeros(self.capacity, dtype=torch.long, device=self.device)
-            self.images[: len(x)], self.labels[: len(y)] = x, y
+            self.logits = torch.zeros((self.capacity, t.shape[1]), dtype=torch.float16, device=self.device)
+            self.images[: len(x)], self.labels[: len(y)], self.logits[: len(t)] = x, y, t
         else:
-            self.images, self.labels = x, y
+            self.images, self.labels, self.logits = x, y, t
         self.size, self.head = int(state["size"]), int(state["head"])
 
 
@@ -127,9 +132,15 @@ class Distiller:
         seed: int = 0,
         progress: bool = True,
         on_round: Optional[Callable[[dict], None]] = None,
+        loss: Optional[StudentLoss] = None,
     ):
         self.teacher, self.student, self.synth = teacher, student, synthesizer
         self.s = settings
+        if settings.teacher_logits not in ("live", "stored"):
+            from dfkd.errors import DfkdError
+
+            raise DfkdError(f"distill.teacher_logits must be 'live' or 'stored', got {settings.teacher_logits!r}")
+        self.loss = loss if loss is not None else LogitKD()
         self.test_set = test_set
         self.augment = augment if augment is not None else nn.Identity()
         self.run_dir = Path(run_dir) if run_dir else None
@@ -233,14 +244,15 @@ class Distiller:
             os.replace(tmp, self.run_dir / "metrics.jsonl")
 
     # -- the loop ------------------------------------------------------------------------
-    def train_student_step(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            xa = self.augment(images)
-            with self._autocast():
-                t = self.teacher(xa)
+    def train_student_step(self, images: torch.Tensor, stored_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.s.teacher_logits == "stored":
+            xa, t = images, stored_logits  # the stored logits belong to these exact pixels: no augmentation
+        else:
+            with torch.no_grad():
+                xa = self.augment(images)
+            t = None
         with self._autocast():
-            s = self.student(xa)
-        loss = kd_loss(s, t, self.s.temperature)
+            loss, _ = self.loss(self.student, self.teacher, xa, t)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.s.grad_clip > 0:
@@ -268,7 +280,8 @@ class Distiller:
             except Exception:  # tensorboard is optional
                 self.writer = None
         self.student.to(self.device).train()
-        self.teacher.to(self.device)
+        if self.teacher is not None:
+            self.teacher.to(self.device)
         start = time.perf_counter() - self.elapsed
         synth_seconds = 0.0
         synth_images = 0
@@ -292,7 +305,7 @@ class Distiller:
                 lr = self.s.lr * self._lr_factor(self._progress(wall))
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
-                losses = [self.train_student_step(self.memory.sample(self.s.batch_size, self.rng))
+                losses = [self.train_student_step(*self.memory.sample(self.s.batch_size, self.rng))
                           for _ in range(self.s.kd_steps)]
                 self.round += 1
                 wall = time.perf_counter() - start

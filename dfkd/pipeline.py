@@ -130,22 +130,37 @@ def build_student(student_cfg: Mapping[str, Any], data: DataSpec, mean, std) -> 
     return student, build
 
 
-def check_synthesizer_cfg(syn_cfg: Mapping[str, Any]) -> tuple[type, str, dict]:
-    """The synthesizer class and its settings, each checked against the class's own arguments."""
-    from generators import SYNTHESIZERS
-
-    kw = dict(_plain(syn_cfg))
+def check_named_cfg(group: str, node: Mapping[str, Any], registry, reserved=()) -> tuple[Any, str, dict]:
+    """``{name: ..., **settings}`` → (builder, name, settings), settings checked against its arguments."""
+    kw = dict(_plain(node))
     if "name" not in kw:
-        raise DfkdError(f"synthesizer.name is missing; known: {', '.join(SYNTHESIZERS)}")
+        raise DfkdError(f"{group}.name is missing; known: {', '.join(registry)}")
     name = kw.pop("name")
-    cls = SYNTHESIZERS.get(name)
-    params = inspect.signature(cls.__init__).parameters
-    allowed = [p for p in params if p not in ("self", "teacher", "dataset", "seed", "device")]
+    builder = registry.get(name)
+    fn = builder.__init__ if inspect.isclass(builder) else builder
+    params = inspect.signature(fn).parameters
+    allowed = [p for p in params if p not in ("self", *reserved)]
     for k in kw:
         if k not in allowed:
-            raise DfkdError(f"unknown setting synthesizer.{k} for {name!r}{close_matches(k, allowed)}; "
+            raise DfkdError(f"unknown setting {group}.{k} for {name!r}{close_matches(k, allowed)}; "
                             f"its settings: {', '.join(allowed)}")
-    return cls, name, kw
+    return builder, name, kw
+
+
+def check_synthesizer_cfg(syn_cfg: Mapping[str, Any]) -> tuple[type, str, dict]:
+    from generators import SYNTHESIZERS
+
+    return check_named_cfg("synthesizer", syn_cfg, SYNTHESIZERS, ("teacher", "dataset", "seed", "device"))
+
+
+def build_loss_from_cfg(loss_cfg: Mapping[str, Any]):
+    from dfkd.losses.student import STUDENT_LOSSES
+
+    builder, name, kw = check_named_cfg("loss", loss_cfg, STUDENT_LOSSES)
+    try:
+        return builder(**kw)
+    except (TypeError, ValueError) as e:
+        raise DfkdError(f"loss {name!r}: {e}") from None
 
 
 def build_synthesizer_from_cfg(syn_cfg: Mapping[str, Any], teacher: Teacher, data: DataSpec, seed: int,
@@ -184,6 +199,15 @@ def save_sample_grid(images: torch.Tensor, labels: torch.Tensor, path: Path, num
     os.replace(tmp, path)
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated (CUDA) or the process's peak resident set size (CPU), in MiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def hardware() -> dict[str, Any]:
     info = {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
             "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
@@ -205,6 +229,7 @@ def run_distill(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path) -> dic
     tc = _plain(cfg["teacher"])
     student, build = build_student(cfg["student"], data, tc.get("mean") or data.mean, tc.get("std") or data.std)
     check_synthesizer_cfg(cfg["synthesizer"])
+    student_loss = build_loss_from_cfg(cfg["loss"])
     settings = DistillSettings(**_plain(cfg["distill"]))
     aug = build_augment(data.input_size, **_plain(cfg["augment"]))
     teacher = build_teacher(cfg["teacher"], data, device, seed=seed, progress=progress)
@@ -213,7 +238,7 @@ def run_distill(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path) -> dic
     synth = build_synthesizer_from_cfg(cfg["synthesizer"], teacher, data, seed, device)
     atomic_write_json(run_dir / "config.json", _plain(cfg))
     distiller = Distiller(teacher, student, synth, settings, data.test, augment=aug, run_dir=run_dir,
-                          device=device, seed=seed, progress=progress)
+                          device=device, seed=seed, progress=progress, loss=student_loss)
     result = distiller.fit(resume=bool(cfg.get("resume", True)))
     save_model(student.model, run_dir / "student.safetensors", build=build)
     if distiller.memory.size:
@@ -233,6 +258,7 @@ def run_distill(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path) -> dic
         "student_params": count_parameters(student.model),
         "teacher_params": count_parameters(teacher.model),
         "device": str(device),
+        "peak_memory_mb": peak_memory_mb(device),
         "seed": seed,
         "hardware": hardware(),
         "dfkd_version": dfkd.__version__,
