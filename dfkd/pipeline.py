@@ -56,10 +56,12 @@ def setup_runtime(cfg: Mapping[str, Any]) -> torch.device:
     return device
 
 
-def load_data(data_cfg: Mapping[str, Any]) -> DataSpec:
+def load_data(data_cfg: Mapping[str, Any], train: bool = True) -> DataSpec:
+    """Load the dataset; ``train=False`` skips the train split where reading it costs anything
+    (a data-free run needs only the test split)."""
     kw = dict(_plain(data_cfg))
     name = kw.pop("name")
-    return load_dataset(name, **{k: v for k, v in kw.items() if v is not None})
+    return load_dataset(name, train=train, **{k: v for k, v in kw.items() if v is not None})
 
 
 def _wrap_kwargs(data: DataSpec, kwargs: dict) -> dict:
@@ -224,11 +226,12 @@ def run_distill(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path) -> dic
     device = setup_runtime(cfg)
     seed = int(cfg["seed"])
     progress = bool(cfg.get("progress", True))
-    data = load_data(cfg["data"])
     # everything cheap to check is checked before the teacher (which may need training)
+    syn_cls, _, _ = check_synthesizer_cfg(cfg["synthesizer"])
     tc = _plain(cfg["teacher"])
+    need_train = getattr(syn_cls, "needs_real_data", False) or (tc.get("train_if_missing") and not tc.get("checkpoint"))
+    data = load_data(cfg["data"], train=bool(need_train))
     student, build = build_student(cfg["student"], data, tc.get("mean") or data.mean, tc.get("std") or data.std)
-    check_synthesizer_cfg(cfg["synthesizer"])
     student_loss = build_loss_from_cfg(cfg["loss"])
     settings = DistillSettings(**_plain(cfg["distill"]))
     aug = build_augment(data.input_size, **_plain(cfg["augment"]))

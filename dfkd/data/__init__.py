@@ -66,7 +66,7 @@ DATASETS: Registry[DataSpec] = Registry("dataset")
 
 
 @DATASETS.register("digits")
-def load_digits(seed: int = 0, test_fraction: float = 0.3, **_: object) -> DataSpec:
+def load_digits(seed: int = 0, test_fraction: float = 0.3, train: bool = True, **_: object) -> DataSpec:
     """scikit-learn's bundled 8×8 handwritten digits (1,797 images), split by ``seed``."""
     from sklearn.datasets import load_digits as _load
     from sklearn.model_selection import train_test_split
