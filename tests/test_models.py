@@ -51,9 +51,11 @@ def test_timm_model_never_downloads():
     assert m(torch.rand(1, 3, 16, 16)).shape == (1, 3)
 
 
-@pytest.mark.parametrize("depth,params", [(20, 0.27e6), (56, 0.85e6)])
-def test_cifar_resnet_sizes(depth, params):
-    m = build_model(f"resnet{depth}_cifar")
+@pytest.mark.parametrize("name,params", [("resnet20_cifar", 0.27e6), ("resnet56_cifar", 0.85e6),
+                                         ("resnet18_cifar", 11.17e6), ("wrn16_2", 0.69e6), ("wrn40_2", 2.2e6)])
+def test_cifar_model_sizes(name, params):
+    """Parameter counts as published (He et al. 2016; Zagoruyko & Komodakis 2016)."""
+    m = build_model(name)
     n = sum(p.numel() for p in m.parameters())
     assert abs(n - params) / params < 0.02
     assert m(torch.rand(2, 3, 32, 32)).shape == (2, 10)

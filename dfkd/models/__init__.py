@@ -19,6 +19,7 @@ from dfkd.errors import DfkdError, close_matches
 from dfkd.models.checkpoint import load_checkpoint_into
 from dfkd.models.cnn import SmallCNN
 from dfkd.models.resnet_cifar import ResNetCifar
+from dfkd.models.resnet_wide import ResNetCifarWide, WideResNet
 from dfkd.registry import Registry
 
 MODELS: Registry[nn.Module] = Registry("model")
@@ -26,6 +27,10 @@ MODELS: Registry[nn.Module] = Registry("model")
 MODELS.register("small_cnn")(SmallCNN)
 for _depth in (20, 32, 44, 56, 110):
     MODELS.register(f"resnet{_depth}_cifar")(partial(ResNetCifar, depth=_depth))
+MODELS.register("resnet18_cifar")(partial(ResNetCifarWide, layers=(2, 2, 2, 2)))
+MODELS.register("resnet34_cifar")(partial(ResNetCifarWide, layers=(3, 4, 6, 3)))
+for _d, _w in ((16, 1), (16, 2), (40, 1), (40, 2)):
+    MODELS.register(f"wrn{_d}_{_w}")(partial(WideResNet, depth=_d, width=_w))
 
 
 def _timm_names() -> list[str]:
