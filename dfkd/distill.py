@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from dfkd import dist as D
 from dfkd.data import ArrayDataset
 from dfkd.eval.classification import evaluate
 from dfkd.losses.student import LogitKD, StudentLoss
@@ -135,6 +136,8 @@ class Distiller:
         loss: Optional[StudentLoss] = None,
     ):
         self.teacher, self.student, self.synth = teacher, student, synthesizer
+        self.train_model: nn.Module = student  # the DistributedDataParallel wrapper under torchrun
+        self.main = D.is_main()
         self.s = settings
         if settings.teacher_logits not in ("live", "stored"):
             from dfkd.errors import DfkdError
@@ -159,6 +162,10 @@ class Distiller:
     # -- setup ---------------------------------------------------------------------------
     def _build_optimizer(self) -> torch.optim.Optimizer:
         params = [p for p in self.student.parameters() if p.requires_grad]
+        if isinstance(self.loss, nn.Module):  # a loss with learned parts (e.g. feature projections)
+            if hasattr(self.loss, "setup"):
+                self.loss.setup(self.student, self.teacher)
+            params += [p for p in self.loss.to(self.device).parameters() if p.requires_grad]
         if self.s.optimizer == "sgd":
             return torch.optim.SGD(params, lr=self.s.lr, momentum=self.s.momentum,
                                    weight_decay=self.s.weight_decay, nesterov=True)
@@ -190,13 +197,17 @@ class Distiller:
     # -- checkpoints ---------------------------------------------------------------------
     @property
     def checkpoint_path(self) -> Optional[Path]:
-        return self.run_dir / "checkpoint.pt" if self.run_dir else None
+        """One file per rank: ranks share the student but each has its own synthesizer and memory."""
+        if not self.run_dir:
+            return None
+        return self.run_dir / ("checkpoint.pt" if D.world_size() == 1 else f"checkpoint.rank{D.rank()}.pt")
 
     def state_dict(self, wall: float) -> dict[str, Any]:
         return {
             "round": self.round,
             "elapsed": wall,
             "student": self.student.state_dict(),
+            "loss": self.loss.state_dict() if isinstance(self.loss, nn.Module) else {},
             "optimizer": self.optimizer.state_dict(),
             "synthesizer": self.synth.state_dict(),
             "memory": self.memory.state_dict(),
@@ -215,6 +226,8 @@ class Distiller:
         self.round = int(st["round"])
         self.elapsed = float(st["elapsed"])
         self.student.load_state_dict(st["student"])
+        if isinstance(self.loss, nn.Module) and st.get("loss"):
+            self.loss.load_state_dict(st["loss"])
         self.optimizer.load_state_dict(st["optimizer"])
         self.synth.load_state_dict(st["synthesizer"])
         self.memory.load_state_dict(st["memory"])
@@ -227,7 +240,7 @@ class Distiller:
     # -- logging -------------------------------------------------------------------------
     def _log(self, record: dict) -> None:
         self.history.append(record)
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.main:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
         if self.writer is not None:
@@ -238,7 +251,7 @@ class Distiller:
             self.on_round(record)
 
     def _rewrite_metrics(self) -> None:
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.main:
             tmp = self.run_dir / "metrics.jsonl.tmp"
             tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
             os.replace(tmp, self.run_dir / "metrics.jsonl")
@@ -252,7 +265,7 @@ class Distiller:
                 xa = self.augment(images)
             t = None
         with self._autocast():
-            loss, _ = self.loss(self.student, self.teacher, xa, t)
+            loss, _ = self.loss(self.train_model, self.teacher, xa, t)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.s.grad_clip > 0:
@@ -261,7 +274,7 @@ class Distiller:
         return loss.detach()
 
     def evaluate(self) -> dict[str, float]:
-        if self.test_set is None:
+        if self.test_set is None or not self.main:
             return {}
         return evaluate(self.student, self.test_set, device=self.device)
 
@@ -271,22 +284,35 @@ class Distiller:
             if resume and self.checkpoint_path.is_file():
                 self.load_checkpoint(self.checkpoint_path)
                 self._rewrite_metrics()
-            elif (self.run_dir / "metrics.jsonl").exists():
+            elif (self.run_dir / "metrics.jsonl").exists() and self.main:
                 (self.run_dir / "metrics.jsonl").unlink()
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+            if D.world_size() > 1:
+                rounds = D.gather_objects(self.round)
+                if len(set(rounds)) > 1:
+                    from dfkd.errors import DfkdError
 
-                self.writer = SummaryWriter(str(self.run_dir / "tb"))
+                    raise DfkdError(f"the ranks' checkpoints are at different rounds {rounds}; "
+                                    "delete the newer ones or start a new run folder")
+            try:
+                if self.main:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self.writer = SummaryWriter(str(self.run_dir / "tb"))
             except Exception:  # tensorboard is optional
                 self.writer = None
         self.student.to(self.device).train()
+        if D.world_size() > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.student, device_ids=ids)
         if self.teacher is not None:
             self.teacher.to(self.device)
         start = time.perf_counter() - self.elapsed
         synth_seconds = 0.0
         synth_images = 0
         bar = None
-        if self.progress:
+        if self.progress and self.main:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.s.rounds, initial=self.round, desc="distill", unit="round", dynamic_ncols=True)
@@ -294,7 +320,7 @@ class Distiller:
         try:
             while self.round < self.s.rounds:
                 wall = time.perf_counter() - start
-                if self.s.budget_minutes and wall >= 60.0 * self.s.budget_minutes:
+                if self.s.budget_minutes and D.any_flag(wall >= 60.0 * self.s.budget_minutes, self.device):
                     break
                 t0 = time.perf_counter()
                 batch = self.synth.step(self.student if self.synth.uses_student else None)
@@ -312,8 +338,8 @@ class Distiller:
                 record: dict[str, Any] = {"round": self.round, "wall": round(wall, 3), "lr": lr,
                                           "kd_loss": float(torch.stack(losses).mean()) if losses else 0.0,
                                           **batch.stats}
-                final = self.round >= self.s.rounds or (
-                    self.s.budget_minutes and wall >= 60.0 * self.s.budget_minutes)
+                final = self.round >= self.s.rounds or bool(
+                    self.s.budget_minutes and D.any_flag(wall >= 60.0 * self.s.budget_minutes, self.device))
                 if (self.s.eval_every and self.round % self.s.eval_every == 0) or final:
                     last_eval = self.evaluate()
                     record.update({f"test/{k}": v for k, v in last_eval.items()})
@@ -335,7 +361,15 @@ class Distiller:
         if not last_eval or self.history and "test/top1" not in self.history[-1]:
             last_eval = self.evaluate()
         self.save_checkpoint(wall)
+        ranks = D.gather_objects({
+            "rank": D.rank(),
+            "student_digest": D.tensor_digest(self.student.state_dict().values()),
+            "memory_digest": D.tensor_digest([self.memory.images[: self.memory.size]])
+            if self.memory.size else None,
+        })
         return {
+            "world_size": D.world_size(),
+            "ranks": ranks,
             "rounds": self.round,
             "wall_seconds": wall,
             "student_top1": last_eval.get("top1"),

@@ -47,7 +47,9 @@ def setup_runtime(cfg: Mapping[str, Any]) -> torch.device:
     device_name = str(cfg.get("device", "auto"))
     if device_name not in ("auto", "cpu", "cuda", "mps") and not device_name.startswith("cuda:"):
         raise DfkdError(f"device must be auto, cpu, cuda or cuda:N, got {device_name!r}")
-    device = resolve_device(device_name)
+    from dfkd import dist as D
+
+    device = D.init_from_env(device_name) or resolve_device(device_name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DfkdError(f"device {device_name!r} asked for, but torch sees no CUDA device")
     if cfg.get("threads"):
@@ -220,10 +222,12 @@ def hardware() -> dict[str, Any]:
 
 def run_distill(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path) -> dict[str, Any]:
     """Everything ``dfkd-distill`` does: build, distil, evaluate, write the run folder."""
+    from dfkd import dist as D
+
     t_start = time.perf_counter()
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     device = setup_runtime(cfg)
+    run_dir = Path(D.gather_objects(str(run_dir))[0])  # under torchrun every rank uses rank 0's folder
+    run_dir.mkdir(parents=True, exist_ok=True)
     seed = int(cfg["seed"])
     progress = bool(cfg.get("progress", True))
     # everything cheap to check is checked before the teacher (which may need training)
@@ -235,19 +239,34 @@ def run_distill(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path) -> dic
     student_loss = build_loss_from_cfg(cfg["loss"])
     settings = DistillSettings(**_plain(cfg["distill"]))
     aug = build_augment(data.input_size, **_plain(cfg["augment"]))
-    teacher = build_teacher(cfg["teacher"], data, device, seed=seed, progress=progress)
+    # a stored dataset distilled with its stored logits needs no teacher
+    stored_only = (_plain(cfg["synthesizer"]).get("name") == "stored"
+                   and str(_plain(cfg["distill"]).get("teacher_logits")) == "stored")
+    if not D.is_main():
+        D.barrier()  # rank 0 trains (or finds) the cached teacher first
+    teacher = None if stored_only else build_teacher(cfg["teacher"], data, device, seed=seed,
+                                                     progress=progress and D.is_main())
+    if D.is_main():
+        D.barrier()
     t_teacher = time.perf_counter() - t_start
-    teacher_eval = evaluate(teacher, data.test, device=device)
-    synth = build_synthesizer_from_cfg(cfg["synthesizer"], teacher, data, seed, device)
-    atomic_write_json(run_dir / "config.json", _plain(cfg))
+    teacher_eval = evaluate(teacher, data.test, device=device) if teacher is not None else {"top1": None}
+    # each rank synthesizes its own samples: a seed of its own
+    synth = build_synthesizer_from_cfg(cfg["synthesizer"], teacher, data, seed + 1000 * D.rank(), device)
+    if tuple(synth.input_size) != tuple(data.input_size) or synth.num_classes != data.num_classes:
+        raise DfkdError(f"the synthesizer's images ({synth.num_classes} classes, {tuple(synth.input_size)}) do not "
+                        f"fit data {data.name!r} ({data.num_classes} classes, {tuple(data.input_size)})")
+    if D.is_main():
+        atomic_write_json(run_dir / "config.json", _plain(cfg))
     distiller = Distiller(teacher, student, synth, settings, data.test, augment=aug, run_dir=run_dir,
-                          device=device, seed=seed, progress=progress, loss=student_loss)
+                          device=device, seed=seed + 1000 * D.rank(), progress=progress, loss=student_loss)
     result = distiller.fit(resume=bool(cfg.get("resume", True)))
+    if not D.is_main():
+        return {"rank": D.rank(), **result}
     save_model(student.model, run_dir / "student.safetensors", build=build)
     if distiller.memory.size:
         save_sample_grid(distiller.memory.images[: distiller.memory.size].float(),
                          distiller.memory.labels[: distiller.memory.size], run_dir / "samples.png",
-                         teacher.num_classes)
+                         data.num_classes)
     summary = {
         "teacher_top1": teacher_eval["top1"],
         "student_top1": result["student_top1"],
@@ -256,10 +275,13 @@ def run_distill(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path) -> dic
         "teacher_seconds": t_teacher,
         "distill_seconds": result["wall_seconds"],
         "rounds": result["rounds"],
+        "world_size": result["world_size"],
+        "ranks": result["ranks"],
+        "run_dir": str(run_dir),
         "synthesizer": _plain(cfg["synthesizer"]).get("name"),
         "synth_images_per_second": result["synth_images_per_second"],
         "student_params": count_parameters(student.model),
-        "teacher_params": count_parameters(teacher.model),
+        "teacher_params": count_parameters(teacher.model) if teacher is not None else None,
         "device": str(device),
         "peak_memory_mb": peak_memory_mb(device),
         "seed": seed,
@@ -272,7 +294,7 @@ def run_distill(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path) -> dic
 
 def format_summary(summary: Mapping[str, Any], run_dir: Path) -> str:
     rows = [
-        ("teacher top-1", f"{summary['teacher_top1']:.4f}"),
+        ("teacher top-1", f"{summary['teacher_top1']:.4f}" if summary.get("teacher_top1") is not None else "-"),
         ("student top-1", f"{summary['student_top1']:.4f}" if summary.get("student_top1") is not None else "-"),
         ("synthesizer", str(summary.get("synthesizer"))),
         ("wall time", f"{summary['wall_seconds']:.1f} s"),

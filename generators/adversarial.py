@@ -78,34 +78,48 @@ class AdversarialGenerator(Synthesizer):
             return F.l1_loss(s.float(), t.float())
         return kd_loss(s, t, 1.0)
 
+    def _prior_context(self):
+        kwargs = {"first_weight": self.first_bn_multiplier} if self.prior_name == "batchnorm" else {}
+        return self.teacher.statistics(self.prior_name, **kwargs) if self.prior_name else nullcontext()
+
+    def _objective(self, x: torch.Tensor, y: torch.Tensor | None, prior, student: nn.Module | None,
+                   use_adv: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The generator's loss on images ``x`` aimed at classes ``y`` (None: the teacher's arg-max)."""
+        xa = random_jitter(x, self.jitter, self.cpu_rng)
+        t = self.teacher(xa).float()
+        target = y if y is not None else t.argmax(1)
+        loss_ce = F.cross_entropy(t, target)
+        loss_prior = prior.loss() if prior is not None else torch.zeros((), device=x.device)
+        loss = self.w_ce * loss_ce + self.w_bn * loss_prior
+        if self.w_ie > 0:
+            p_mean = F.softmax(t, dim=1).mean(0)
+            loss = loss + self.w_ie * (p_mean * p_mean.clamp_min(1e-8).log()).sum()
+        loss_adv = torch.zeros((), device=x.device)
+        if use_adv:
+            loss_adv = -self._discrepancy(student(xa), t)
+            loss = loss + self.w_adv * loss_adv
+        return loss, {"syn/ce": loss_ce, "syn/prior": loss_prior, "syn/adv": loss_adv}
+
+    def _batch(self, x: torch.Tensor, y: torch.Tensor | None, parts: dict[str, torch.Tensor]) -> SyntheticBatch:
+        x = x.detach()
+        t = self.teacher_logits(x)
+        labels = y if y is not None else t.argmax(1)
+        stats = {k: float(v.detach()) for k, v in parts.items()}
+        stats["syn/teacher_acc"] = float((t.argmax(1) == labels).float().mean())
+        return SyntheticBatch(images=x, labels=labels, teacher_logits=t, stats=stats)
+
     def step(self, student: nn.Module | None = None) -> SyntheticBatch:
         use_adv = self.w_adv > 0 and student is not None
         was_training = student.training if student is not None else False
         if use_adv:
             student.eval()
         self.generator.train()
-        kwargs = {"first_weight": self.first_bn_multiplier} if self.prior_name == "batchnorm" else {}
-        ctx = self.teacher.statistics(self.prior_name, **kwargs) if self.prior_name else nullcontext()
         params = list(self.generator.parameters())
-        with ctx as prior:
+        with self._prior_context() as prior:
             for _ in range(self.g_steps):
                 z = self.randn(self.batch_size, self.nz)
                 y = self.sample_labels(self.batch_size) if self.conditional else None
-                x = self.generator(z, y)
-                xa = random_jitter(x, self.jitter, self.cpu_rng)
-                t = self.teacher(xa).float()
-                target = y if y is not None else t.argmax(1)
-                loss_ce = F.cross_entropy(t, target)
-                loss = self.w_ce * loss_ce
-                loss_prior = prior.loss() if prior is not None else torch.zeros((), device=x.device)
-                loss = loss + self.w_bn * loss_prior
-                if self.w_ie > 0:
-                    p_mean = F.softmax(t, dim=1).mean(0)
-                    loss = loss + self.w_ie * (p_mean * p_mean.clamp_min(1e-8).log()).sum()
-                loss_adv = torch.zeros((), device=x.device)
-                if use_adv:
-                    loss_adv = -self._discrepancy(student(xa), t)
-                    loss = loss + self.w_adv * loss_adv
+                loss, parts = self._objective(self.generator(z, y), y, prior, student, use_adv)
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward(inputs=params)
                 self.opt.step()
@@ -115,11 +129,7 @@ class AdversarialGenerator(Synthesizer):
             z = self.randn(self.batch_size, self.nz)
             y = self.sample_labels(self.batch_size) if self.conditional else None
             x = self.generator(z, y)
-            t = self.teacher(x).float()
-        labels = y if y is not None else t.argmax(1)
-        stats = {"syn/ce": float(loss_ce.detach()), "syn/prior": float(loss_prior.detach()),
-                 "syn/adv": float(loss_adv.detach()), "syn/teacher_acc": float((t.argmax(1) == labels).float().mean())}
-        return SyntheticBatch(images=x, labels=labels, teacher_logits=t, stats=stats)
+        return self._batch(x, y, parts)
 
     def state_dict(self) -> dict[str, Any]:
         # a snapshot, not views of the live tensors (they keep changing in place)

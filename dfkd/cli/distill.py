@@ -18,11 +18,16 @@ from dfkd.cli.common import hydra_app
 def task(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
+    from dfkd import dist as D
     from dfkd.pipeline import format_summary, run_distill
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    summary = run_distill(cfg, run_dir)
-    print(format_summary(summary, run_dir))
+    try:
+        summary = run_distill(cfg, run_dir)
+        if D.is_main():
+            print(format_summary(summary, Path(summary.get("run_dir", run_dir))))
+    finally:
+        D.cleanup()
     return summary
 
 
