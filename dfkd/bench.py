@@ -33,13 +33,16 @@ def compose(config_name: str, overrides: Sequence[str]):
 
 
 def run_methods(methods: Sequence[str], common: Sequence[str], per_method: dict[str, Sequence[str]],
-                seeds: Sequence[int], out_dir: Path) -> list[dict[str, Any]]:
+                seeds: Sequence[int], out_dir: Path, options: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Run every method (a ``synthesizer`` config option; ``options`` maps a method to another
+    option of the group, e.g. a dataset-specific variant) for every seed."""
     from dfkd.pipeline import run_distill
 
     rows = []
     for method in methods:
         for seed in seeds:
-            overrides = [f"synthesizer={method}", f"seed={seed}", "progress=false", "resume=false",
+            option = (options or {}).get(method, method)
+            overrides = [f"synthesizer={option}", f"seed={seed}", "progress=false", "resume=false",
                          *common, *per_method.get(method, [])]
             cfg = compose("distill", overrides)
             run_dir = out_dir / "runs" / f"{method}_seed{seed}"
@@ -48,6 +51,7 @@ def run_methods(methods: Sequence[str], common: Sequence[str], per_method: dict[
             summary["method"] = method
             summary["overrides"] = overrides
             summary["process_seconds"] = time.perf_counter() - t0
+            summary["run_dir"] = str(run_dir)
             rows.append(summary)
             print(f"{method:>14} seed {seed}: student top-1 {summary['student_top1']:.4f} "
                   f"({summary['distill_seconds']:.0f} s)", flush=True)
@@ -110,5 +114,57 @@ def write_results(name: str, title: str, out_dir: Path, rows: list[dict[str, Any
         ips = f"{r['synth_images_per_second']:.0f}" if r["synth_images_per_second"] else "—"
         lines.append(f"| {r['method']} | {r['kind']} | {r['student_top1_mean']:.4f} | {r['student_top1_std']:.4f} "
                      f"| {r['distill_seconds_mean']:.0f} | {ips} |")
+    curves = time_to_accuracy(rows)
+    result["time_to_accuracy"] = curves
+    atomic_write_json(jpath, result)
+    png = out_dir / f"{name}_time_to_accuracy.png"
+    if plot_curves(curves, png, title, teacher_top1):
+        lines += ["", f"Time to accuracy: `{png.name}` (data: `time_to_accuracy` in `{jpath.name}`)."]
     atomic_write_bytes(mpath, ("\n".join(lines) + "\n").encode())
     return jpath, mpath
+
+
+def time_to_accuracy(rows: list[dict[str, Any]]) -> dict[str, list[list[float]]]:
+    """Per run: [[wall seconds, test top-1], ...] read from the run's metrics.jsonl."""
+    curves = {}
+    for r in rows:
+        path = Path(r["run_dir"]) / "metrics.jsonl"
+        if not path.is_file():
+            continue
+        pts = []
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            if "test/top1" in rec:
+                pts.append([rec["wall"], rec["test/top1"]])
+        curves[f"{r['method']} (seed {r['seed']})"] = pts
+    return curves
+
+
+def plot_curves(curves: dict[str, list[list[float]]], path: Path, title: str, teacher_top1: float | None) -> bool:
+    """Write a PNG of top-1 against wall time; False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for name, pts in curves.items():
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=name)
+    if teacher_top1 is not None:
+        ax.axhline(teacher_top1, color="k", ls="--", lw=1, label="teacher")
+    ax.set_xlabel("wall time (s)")
+    ax.set_ylabel("student top-1 (real test set)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    import os
+
+    os.replace(tmp, path)
+    return True

@@ -1,0 +1,81 @@
+#!/usr/bin/env python
+"""B1: CIFAR-10 with the pretrained ResNet-56 teacher (93.39 %), side by side, equal wall-clock budget.
+
+Rows: teacher; noise-KD floor; DeepInversion; adversarial generator; Fast-DFKD-style meta generator;
+real-data-KD ceiling — the same student, the same budget per method, one run. Writes
+results/b1_<student>_<device>.{json,md} and a time-to-accuracy PNG.
+
+    DFKD_DATA=PATH python scripts/bench_b1_cifar.py --budget-minutes 10 --device cuda
+    DFKD_DATA=PATH python scripts/bench_b1_cifar.py --budget-minutes 2 --device cpu   # CPU mode
+    DFKD_DATA=PATH python scripts/bench_b1_cifar.py --student vit_cifar
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+METHODS = ["noise", "deepinversion", "adversarial", "fast_meta", "real"]
+
+# CPU mode: smaller batches and fewer inversion iterations so a round fits the budget
+CPU = ["synthesizer.batch_size=64", "distill.batch_size=128", "distill.kd_steps=10", "data.test_limit=2000",
+       "distill.pool_size=20000"]
+PER_METHOD_CPU = {"deepinversion": ["synthesizer.iterations=50"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", nargs="+", default=METHODS)
+    ap.add_argument("--student", default="resnet20_cifar", help="student config: resnet20_cifar | vit_cifar")
+    ap.add_argument("--budget-minutes", type=float, default=10.0)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--data-root", default=os.environ.get("DFKD_DATA"))
+    ap.add_argument("--out", type=Path, default=Path("results"))
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every method")
+    args = ap.parse_args()
+    if not args.data_root or not Path(args.data_root).is_dir():
+        sys.exit("bench_b1_cifar: error: set --data-root or DFKD_DATA to the folder with cifar10/ and teachers/")
+
+    import torch
+
+    from dfkd.bench import compose, run_methods, write_results
+    from dfkd.eval.classification import evaluate
+    from dfkd.pipeline import build_teacher, load_data, setup_runtime
+
+    started = time.perf_counter()
+    root = Path(args.data_root)
+    common = ["experiment=cifar10_resnet56_resnet20", f"student={args.student}", f"data.root={root}",
+              f"teacher.checkpoint={root / 'teachers/resnet_cifar10/resnet56-4bfd9763.th'}",
+              f"device={args.device}", f"distill.budget_minutes={args.budget_minutes}", "distill.eval_every=10"]
+    if args.threads:
+        common.append(f"threads={args.threads}")
+    if args.student.startswith("vit"):
+        common += ["distill.optimizer=adamw", "distill.lr=1e-3", "distill.weight_decay=0.05", "distill.warmup=0.05"]
+    cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
+    per_method = dict(PER_METHOD_CPU) if cpu else {}
+    if cpu:
+        common += CPU
+    common += args.overrides
+    cfg = compose("distill", common)
+    device = setup_runtime(cfg)
+    data = load_data(cfg.data, train=False)
+    teacher = build_teacher(cfg.teacher, data, device, progress=False)
+    teacher_top1 = evaluate(teacher, data.test, device=device)["top1"]
+    print(f"teacher top-1 {teacher_top1:.4f}", flush=True)
+    name = f"b1_{args.student}_{device.type}"
+    rows = run_methods(args.methods, common, per_method, args.seeds, args.out / name,
+                       options={"deepinversion": "deepinversion_cifar"})
+    extra = {"budget_minutes_per_method": args.budget_minutes, "student": args.student,
+             "task": "CIFAR-10, pretrained ResNet-56 teacher", "cpu_mode": cpu}
+    _, md = write_results(name, f"B1 — CIFAR-10, ResNet-56 → {args.student}, {device.type}", args.out, rows,
+                          teacher_top1, extra, started)
+    print(Path(md).read_text())
+
+
+if __name__ == "__main__":
+    main()
