@@ -25,6 +25,13 @@ class Schedule(str, Enum):
     constant = "constant"
 
 
+class Mix(str, Enum):
+    none = "none"
+    mixup = "mixup"
+    cutmix = "cutmix"
+    both = "both"      # alternate mixup and CutMix
+
+
 class TeacherLogits(str, Enum):
     live = "live"      # query the teacher on every augmented batch
     stored = "stored"  # use the logits stored with the images (no augmentation)
@@ -55,6 +62,7 @@ class TeacherTrainConfig:
     weight_decay: float = 5e-4
     crop_padding: int = 1
     flip: bool = False
+    optimizer: str = "sgd"              # sgd (Nesterov) | adamw (ViT teachers)
 
 
 @dataclass
@@ -100,6 +108,8 @@ class DistillConfig:
     budget_minutes: Optional[float] = None
     amp: Amp = Amp.auto
     grad_clip: float = 0.0
+    mix: Mix = Mix.none
+    mix_alpha: float = 1.0
     teacher_logits: TeacherLogits = TeacherLogits.live
 
 
@@ -130,7 +140,25 @@ class TrainTeacherAppConfig:
     threads: Optional[int] = None
 
 
+@dataclass
+class SynthesizeAppConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    synthesizer: Dict[str, Any] = field(default_factory=dict)  # {name: ..., <its settings>}
+    output: str = MISSING               # the dataset folder (re-run the same command to resume)
+    num_images: int = 1024
+    shard_size: int = 256               # images per shard (one synthesizer seed per shard)
+    image_dtype: str = "uint8"          # uint8 | float16
+    budget_minutes: Optional[float] = None  # stop early after this much wall time (resumable)
+    import_folder: Optional[str] = None # import an image folder (class/xxx.png) instead of synthesizing
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+    threads: Optional[int] = None
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="distill_schema", node=DistillAppConfig)
     cs.store(name="train_teacher_schema", node=TrainTeacherAppConfig)
+    cs.store(name="synthesize_schema", node=SynthesizeAppConfig)

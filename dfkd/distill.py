@@ -47,6 +47,8 @@ class DistillSettings:
     budget_minutes: Optional[float] = None  # stop after this much wall time (resumes included)
     amp: str = "auto"               # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | none
     grad_clip: float = 0.0
+    mix: str = "none"               # none | mixup | cutmix | both (alternating): mix the student's inputs;
+    mix_alpha: float = 1.0          # the teacher labels the mixed images (mixing ratio ~ Beta(alpha, alpha))
     teacher_logits: str = "live"    # live: query the teacher on each augmented batch | stored: use the
                                     # logits that came with the batch (no augmentation, no teacher needed)
 
@@ -139,6 +141,10 @@ class Distiller:
         self.train_model: nn.Module = student  # the DistributedDataParallel wrapper under torchrun
         self.main = D.is_main()
         self.s = settings
+        if settings.mix not in ("none", "mixup", "cutmix", "both"):
+            from dfkd.errors import DfkdError
+
+            raise DfkdError(f"distill.mix must be none, mixup, cutmix or both, got {settings.mix!r}")
         if settings.teacher_logits not in ("live", "stored"):
             from dfkd.errors import DfkdError
 
@@ -152,6 +158,7 @@ class Distiller:
         self.on_round = on_round
         self.memory = Memory(settings.pool_size, self.device)
         self.rng = torch.Generator().manual_seed(seed + 17)
+        self._mix_toggle = False
         self.optimizer = self._build_optimizer()
         self.round = 0
         self.elapsed = 0.0  # wall seconds spent in earlier runs of this job (resume)
@@ -263,6 +270,8 @@ class Distiller:
         else:
             with torch.no_grad():
                 xa = self.augment(images)
+                if self.s.mix != "none":
+                    xa = self._mix(xa)
             t = None
         with self._autocast():
             loss, _ = self.loss(self.train_model, self.teacher, xa, t)
@@ -272,6 +281,30 @@ class Distiller:
             torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.s.grad_clip)
         self.optimizer.step()
         return loss.detach()
+
+    def _mix(self, x: torch.Tensor) -> torch.Tensor:
+        """Mixup or CutMix of a batch with a shuffled copy of itself, per-sample ratios. The teacher is
+        queried on the mixed images, so any mixture is a valid distillation input; ``both`` alternates."""
+        mode = self.s.mix
+        if mode == "both":
+            mode = "mixup" if self._mix_toggle else "cutmix"
+            self._mix_toggle = not self._mix_toggle
+        n, h, w = len(x), x.shape[-2], x.shape[-1]
+        a = torch.full((n,), float(self.s.mix_alpha))
+        lam = torch.distributions.Beta(a, a).sample().to(x.device).view(n, 1, 1, 1)
+        perm = torch.randperm(n, generator=self.rng).to(x.device)
+        if mode == "mixup":
+            return lam * x + (1 - lam) * x[perm]
+        side = (1 - lam.view(n)).sqrt()  # the pasted box covers a (1 - lam) fraction of the image
+        bh, bw = (side * h).round().long(), (side * w).round().long()
+        cy = torch.randint(h, (n,), generator=self.rng).to(x.device)
+        cx = torch.randint(w, (n,), generator=self.rng).to(x.device)
+        ys, xs = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+        y0, x0 = cy - bh // 2, cx - bw // 2
+        my = (ys[None] >= y0[:, None]) & (ys[None] < (y0 + bh)[:, None])
+        mx = (xs[None] >= x0[:, None]) & (xs[None] < (x0 + bw)[:, None])
+        box = (my[:, :, None] & mx[:, None, :])[:, None].to(x.dtype)
+        return x * (1 - box) + x[perm] * box
 
     def evaluate(self) -> dict[str, float]:
         if self.test_set is None or not self.main:

@@ -137,3 +137,6 @@ def resolve_prior_name(model: nn.Module, kind: str = "auto") -> str:
 
 def build_prior(model: nn.Module, kind: str = "auto", **kwargs) -> StatisticsPrior:
     return PRIORS.build(resolve_prior_name(model, kind), model=model, **kwargs)
+
+
+from dfkd import priors_vit as _priors_vit  # noqa: E402,F401  (registers the ViT priors: vit, vit_patch_entropy, vit_token_stats)

@@ -106,9 +106,15 @@ def build_teacher(teacher_cfg: Mapping[str, Any], data: DataSpec, device: torch.
                 train_classifier_from_cfg(net, data, tr, device, seed, progress)
             save_model(model, path, build={"model": tc["model"], "kwargs": kwargs, "mean": mean, "std": std,
                                            "input_size": list(data.input_size)})
+            from dfkd.priors_vit import save_teacher_token_statistics  # ViT teachers: like BatchNorm running stats
+
+            save_teacher_token_statistics(net, data.train, path, seed=seed)
     else:
         raise DfkdError(f"teacher {tc['model']!r} has no checkpoint: set teacher.checkpoint=PATH "
                         "(or teacher.train_if_missing=true to train one on the data's train split)")
+    from dfkd.priors_vit import attach_saved_token_statistics  # *.token_stats.safetensors beside a ViT checkpoint
+
+    attach_saved_token_statistics(model, ckpt or path)
     return Teacher(model, mean, std, data.input_size, data.num_classes).to(device)
 
 
@@ -120,7 +126,7 @@ def train_classifier_from_cfg(net: Normalized, data: DataSpec, tr: Mapping[str, 
     return train_classifier(net, data.train, data.test, epochs=int(tr.get("epochs", 30)),
                             batch_size=int(tr.get("batch_size", 64)), lr=float(tr.get("lr", 0.05)),
                             weight_decay=float(tr.get("weight_decay", 5e-4)), augment=aug, device=device,
-                            seed=seed, progress=progress)
+                            seed=seed, progress=progress, optimizer=str(tr.get("optimizer", "sgd")))
 
 
 def build_student(student_cfg: Mapping[str, Any], data: DataSpec, mean, std) -> tuple[Normalized, dict]:

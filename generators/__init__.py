@@ -4,6 +4,7 @@ Importing this package registers the built-in synthesizers in :data:`SYNTHESIZER
 """
 
 from generators.base import SYNTHESIZERS, Synthesizer, SyntheticBatch, build_synthesizer
-from generators import baselines, inversion, adversarial  # noqa: F401  (registration)
+from generators import baselines, inversion, adversarial, meta  # noqa: F401  (registration)
+from generators import stored  # noqa: F401  (registration)
 
 __all__ = ["SYNTHESIZERS", "Synthesizer", "SyntheticBatch", "build_synthesizer"]

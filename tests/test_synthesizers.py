@@ -1,5 +1,7 @@
 """Contract tests every synthesizer passes: shape, range, finite, learning, hooks, state."""
 
+import os
+
 import pytest
 import torch
 
@@ -9,8 +11,10 @@ from generators import SYNTHESIZERS, SyntheticBatch, build_synthesizer
 SMALL = {
     "deepinversion": dict(iterations=3, lr=0.1),
     "adversarial": dict(g_steps=2, nz=8, ngf=8),
+    "fast_meta": dict(g_steps=2, nz=8, ngf=8),
     "noise": {},
     "real": {},
+    "stored": dict(logits="teacher"),  # replays a stored dataset (tests/test_store.py covers the rest)
 }
 
 
@@ -19,7 +23,25 @@ def make(name, teacher, seed=0):
     if getattr(SYNTHESIZERS.get(name), "needs_real_data", False):
         g = torch.Generator().manual_seed(0)
         kw["dataset"] = ArrayDataset(torch.rand(20, 3, 8, 8, generator=g), torch.randint(0, 4, (20,), generator=g))
+    if name == "stored":
+        kw["path"] = _stored_dataset(teacher)
     return build_synthesizer(name, teacher, batch_size=6, seed=seed, **kw)
+
+
+def _stored_dataset(teacher):
+    """A 20-image stored dataset made from ``teacher`` (cached per teacher weights)."""
+    import tempfile
+
+    from dfkd.data.store import StoreWriter, state_dict_sha256, teacher_identity
+
+    root = os.path.join(tempfile.gettempdir(), f"dfkd_test_store_{os.getpid()}_{state_dict_sha256(teacher.model)[:12]}")
+    if not os.path.isfile(os.path.join(root, "manifest.json")):
+        spec = {"teacher": teacher_identity(teacher), "synthesizer": {"name": "noise", "config": {}}, "seed": 0,
+                "num_images": 20, "shard_size": 10, "image_dtype": "uint8", "input_size": list(teacher.input_size),
+                "num_classes": teacher.num_classes}
+        StoreWriter(root, spec).run(lambda s: build_synthesizer("noise", teacher, batch_size=10, seed=s), teacher,
+                                    progress=False)
+    return root
 
 
 def test_every_registered_synthesizer_is_covered():
@@ -94,6 +116,15 @@ def test_adversarial_generator_learns(bn_teacher, tiny_vit_student):
     assert all(changed[:-2]) and any(changed)  # every trained weight moved
 
 
+def test_fast_meta_generator_moves_meta_weights_toward_adapted(bn_teacher, tiny_vit_student):
+    syn = build_synthesizer("fast_meta", bn_teacher, batch_size=8, seed=0, g_steps=3, nz=8, ngf=8)
+    before = [p.detach().clone() for p in syn.generator.parameters()]
+    batch = syn.step(tiny_vit_student)
+    assert batch.images.shape == (8, 3, 8, 8) and syn.rounds == 1
+    moved = [not torch.equal(a, b) for a, b in zip(before, syn.generator.parameters())]
+    assert sum(moved) >= len(moved) - 2
+
+
 def test_adi_term_uses_student(bn_teacher, tiny_vit_student):
     syn = build_synthesizer("deepinversion", bn_teacher, batch_size=4, seed=0, iterations=2, adi=1.0)
     syn.step(tiny_vit_student)
@@ -108,8 +139,11 @@ def test_batchnorm_method_on_teacher_without_batchnorm(tiny_vit_student):
     t = Teacher(tiny_vit_student.model, [0.5] * 3, [0.25] * 3, (3, 8, 8), 4)
     with pytest.raises(DfkdError, match="no BatchNorm"):
         build_synthesizer("deepinversion", t, batch_size=4, prior="batchnorm")
+    # auto picks the ViT prior for a ViT teacher; a model with neither BatchNorm nor ViT blocks gets none
+    assert build_synthesizer("deepinversion", t, batch_size=4, prior="auto").prior_name == "vit"
+    mlp = Teacher(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 4)), [0.5] * 3, [0.25] * 3, (3, 8, 8), 4)
     with pytest.raises(DfkdError, match="no statistics prior fits"):
-        build_synthesizer("deepinversion", t, batch_size=4, prior="auto")
+        build_synthesizer("deepinversion", mlp, batch_size=4, prior="auto")
     # without the prior, inversion still runs on any teacher
     batch = build_synthesizer("deepinversion", t, batch_size=4, bn=0.0, iterations=2).step()
     assert batch.images.shape == (4, 3, 8, 8)

@@ -47,3 +47,6 @@ class LogitKD(StudentLoss):
 
 def build_student_loss(name: str, **kwargs) -> StudentLoss:
     return STUDENT_LOSSES.build(name, **kwargs)
+
+
+from dfkd.losses import deit as _deit  # noqa: E402,F401  (registers the ViT losses: vit, deit, manifold, feature)

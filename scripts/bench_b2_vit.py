@@ -1,0 +1,123 @@
+#!/usr/bin/env python
+"""B2: ViT teacher without BatchNorm -> smaller ViT student, side by side, same budget per row.
+
+Rows: noise KD (floor), data-free DeepInversion with the ViT priors (``prior=vit``: patch-similarity
+entropy + token statistics), real-data KD (ceiling), and an ablation of priors (entropy only, no prior)
+and student losses (manifold, DeiT distillation token, feature KD). Writes results/b2_vit_<task>.{json,md}.
+
+    python scripts/bench_b2_vit.py                                   # CPU, built-in digits
+    python scripts/bench_b2_vit.py --budget-minutes 1 --rows noise vit real
+    python scripts/bench_b2_vit.py --cifar10 --data-root DATA --teacher-checkpoint OUT/teacher.safetensors  # GPU
+
+CPU mode trains (and caches) the digits ViT teacher of configs/teacher/vit_digits.yaml. The CIFAR-10
+mode needs a teacher from scripts/train_vit_teacher.py (its token statistics are read beside it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+# label -> (kind, overrides). The synthesizer and loss come from the overrides.
+DF = ["synthesizer=deepinversion", "synthesizer.iterations={iters}", "synthesizer.lr=0.2"]
+ROWS = {
+    "noise": ("floor (not data-free)", ["synthesizer=noise"]),
+    "vit": ("data-free", [*DF, "synthesizer.prior=vit"]),
+    "real": ("ceiling (uses real train images)", ["synthesizer=real"]),
+    # ablation: priors
+    "entropy_only": ("ablation: prior", [*DF, "synthesizer.prior=vit_patch_entropy"]),
+    "no_prior": ("ablation: prior", [*DF, "synthesizer.bn=0"]),
+    # ablation: student losses (with prior=vit)
+    "vit+manifold": ("ablation: loss", [*DF, "synthesizer.prior=vit", "loss=manifold"]),
+    "vit+deit": ("ablation: loss", [*DF, "synthesizer.prior=vit", "loss=deit", "student={deit}"]),
+    "vit+feature": ("ablation: loss", [*DF, "synthesizer.prior=vit", "loss=feature"]),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--budget-minutes", type=float, default=None,
+                    help="wall-clock budget per row (default: 1.5 on digits, 10 on CIFAR-10)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cifar10", action="store_true", help="CIFAR-10 mode (GPU)")
+    ap.add_argument("--data-root", default=os.environ.get("DFKD_DATA"))
+    ap.add_argument("--teacher-checkpoint", default=None)
+    ap.add_argument("--out", type=Path, default=Path("results"))
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every row")
+    args = ap.parse_args()
+    os.environ.setdefault("DFKD_CACHE", str(Path(tempfile.gettempdir()) / "dfkd_bench_cache"))
+
+    from dfkd.bench import compose, write_results
+    from dfkd.errors import DfkdError
+    from dfkd.eval.classification import evaluate
+    from dfkd.pipeline import build_teacher, load_data, run_distill, setup_runtime
+
+    started = time.perf_counter()
+    if args.cifar10:
+        if not args.teacher_checkpoint:
+            raise SystemExit("error: --cifar10 needs --teacher-checkpoint (train one with scripts/train_vit_teacher.py)")
+        name, title, deit = "b2_vit_cifar10", "B2 — ViT teacher (no BatchNorm) → smaller ViT, CIFAR-10", "deit_cifar"
+        budget, iters = args.budget_minutes or 10.0, 200
+        common = ["experiment=b2_vit_cifar10", f"teacher.checkpoint={args.teacher_checkpoint}"]
+        if args.data_root:
+            common.append(f"data.root={args.data_root}")
+    else:
+        name, title, deit = "b2_vit_digits", "B2 — ViT teacher (no BatchNorm) → smaller ViT, digits, CPU", "deit_digits"
+        budget, iters = args.budget_minutes or 1.5, 50
+        common = ["experiment=b2_vit_digits", "device=cpu"]
+    common += [f"threads={args.threads}", f"distill.budget_minutes={budget}", "distill.rounds=100000",
+               "distill.eval_every=0", "distill.checkpoint_every=0", *args.overrides]
+    cfg = compose("distill", common)
+    device = setup_runtime(cfg)
+    data = load_data(cfg.data)
+    t0 = time.perf_counter()
+    teacher = build_teacher(cfg.teacher, data, device, seed=int(cfg.seed), progress=False)
+    teacher_seconds = time.perf_counter() - t0
+    teacher_top1 = evaluate(teacher, data.test, device=device)["top1"]
+    print(f"teacher top-1 {teacher_top1:.4f} ({teacher_seconds:.0f} s)", flush=True)
+    if not args.cifar10 and teacher_top1 < 0.9:
+        print("warning: the digits ViT teacher is below 90 % top-1", flush=True)
+
+    rows = []
+    out_dir = args.out / name
+    for label in args.rows:
+        kind, extra = ROWS[label]
+        extra = [o.replace("{deit}", deit).replace("{iters}", str(iters)) for o in extra]
+        for seed in args.seeds:
+            overrides = [*common, f"seed={seed}", "progress=false", "resume=false", *extra]
+            try:
+                run_cfg = compose("distill", overrides)
+                s = run_distill(run_cfg, out_dir / "runs" / f"{label.replace('+', '_')}_seed{seed}")
+            except DfkdError as e:
+                print(f"{label:>14} seed {seed}: error: {e}", flush=True)
+                continue
+            s.update(method=label, kind=kind, overrides=overrides)
+            rows.append(s)
+            print(f"{label:>14} seed {seed}: student top-1 {s['student_top1']:.4f} ({s['distill_seconds']:.0f} s, "
+                  f"{s['rounds']} rounds)", flush=True)
+
+    import dfkd.bench as bench
+
+    bench.KIND.update({label: kind for label, (kind, _) in ROWS.items()})
+    by = {r["method"]: r["student_top1"] for r in rows}
+    extra_info = {
+        "task": ("CIFAR-10, ViT teacher (8x192, patch 4) -> ViT student (4x128)" if args.cifar10 else
+                 "sklearn digits 8x8, ViT teacher (4x96, patch 2, 0.3 M params) -> ViT student (4x64, 0.14 M)"),
+        "budget_minutes_per_row": budget,
+        "teacher_train_seconds": round(teacher_seconds, 1),
+        "data_free_over_ceiling": round(by["vit"] / by["real"], 4) if "vit" in by and by.get("real") else None,
+        "data_free_minus_floor": round(by["vit"] - by["noise"], 4) if "vit" in by and "noise" in by else None,
+        "note": "token statistics are recorded from the teacher on its train split when it is trained, as "
+                "BatchNorm running statistics are; entropy_only uses no such statistics",
+    }
+    _, m = write_results(name, title, args.out, rows, teacher_top1, extra_info, started)
+    print(Path(m).read_text())
+
+
+if __name__ == "__main__":
+    main()

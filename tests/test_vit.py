@@ -1,0 +1,256 @@
+"""ViT teachers without BatchNorm (statistic priors) and ViT student losses (DeiT token, manifold, feature)."""
+
+import json
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from dfkd.errors import DfkdError
+from dfkd.hooks import PRIORS, resolve_prior_name
+from dfkd.losses.deit import ViTDistillLoss
+from dfkd.losses.feature import layer_pairs
+from dfkd.losses.manifold import manifold_terms
+from dfkd.losses.student import STUDENT_LOSSES, build_student_loss
+from dfkd.models import build_model
+from dfkd.priors_vit import (attach_token_statistics, capture_blocks, load_token_statistics,
+                             record_token_statistics, save_token_statistics, similarity_entropy)
+from dfkd.teacher import Normalized, Teacher
+from tests.conftest import ROOT
+
+
+def _hooks(module):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+
+
+def tiny_vit(seed=0, embed_dim=16, depth=2, class_token=True, distilled=False):
+    torch.manual_seed(seed)
+    name = "deit_tiny_distilled_patch16_224" if distilled else "vit_tiny_patch16_224"
+    kw = dict(img_size=8, patch_size=2, in_chans=3, num_classes=4, embed_dim=embed_dim, depth=depth,
+              num_heads=2, mlp_ratio=2.0)
+    if not distilled:
+        kw.update(global_pool="token" if class_token else "avg", class_token=class_token)
+    return build_model(name, **kw)
+
+
+@pytest.fixture
+def vit_teacher():
+    return Teacher(tiny_vit(0, embed_dim=24), [0.5] * 3, [0.25] * 3, (3, 8, 8), 4)
+
+
+def test_fused_attention_is_on(vit_teacher):
+    assert timm.layers.use_fused_attn()
+    assert all(b.attn.fused_attn for b in vit_teacher.model.blocks)
+
+
+@pytest.mark.parametrize("kind", ["vit", "vit_patch_entropy", "vit_token_stats"])
+def test_priors_give_pixel_gradients_and_remove_hooks(vit_teacher, kind):
+    attach_token_statistics(vit_teacher.model, record_token_statistics(vit_teacher, torch.rand(32, 3, 8, 8)))
+    x = torch.rand(6, 3, 8, 8, requires_grad=True)
+    assert _hooks(vit_teacher) == 0
+    with vit_teacher.statistics(kind) as prior:
+        assert _hooks(vit_teacher) > 0
+        vit_teacher(x)
+        loss = prior.loss()
+    assert _hooks(vit_teacher) == 0
+    assert torch.isfinite(loss) and loss.item() > 0
+    (g,) = torch.autograd.grad(loss, x)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+    assert all(p.grad is None for p in vit_teacher.parameters())
+
+
+def test_hooks_removed_on_error(vit_teacher):
+    with pytest.raises(RuntimeError):
+        with vit_teacher.statistics("vit_patch_entropy"):
+            raise RuntimeError("boom")
+    assert _hooks(vit_teacher) == 0
+
+
+def test_patch_entropy_is_higher_for_diverse_tokens():
+    torch.manual_seed(0)
+    base = torch.randn(1, 1, 8)
+    peaked = base + 0.01 * torch.randn(2, 16, 8)  # all patches alike: similarities near 1
+    diverse = torch.randn(2, 16, 8)
+    assert (similarity_entropy(diverse) > similarity_entropy(peaked) + 0.5).all()
+
+
+def test_auto_picks_vit_prior_for_vit_and_batchnorm_for_cnn(vit_teacher, bn_teacher):
+    assert resolve_prior_name(vit_teacher.model, "auto") == "vit"
+    assert resolve_prior_name(bn_teacher.model, "auto") == "batchnorm"
+    assert {"vit", "vit_patch_entropy", "vit_token_stats"} <= set(PRIORS)
+    with pytest.raises(DfkdError, match="BatchNorm"):
+        resolve_prior_name(vit_teacher.model, "batchnorm")
+    with pytest.raises(DfkdError, match="ViT"):
+        resolve_prior_name(bn_teacher.model, "vit_patch_entropy")
+    with pytest.raises(DfkdError, match="token statistics"):  # none recorded yet
+        resolve_prior_name(vit_teacher.model, "vit_token_stats")
+
+
+def test_token_statistics_round_trip(vit_teacher, tmp_path):
+    st = record_token_statistics(vit_teacher, torch.rand(16, 3, 8, 8))
+    assert st["block0.mean"].shape == (16, 24) and st["block1.var"].shape == (24,)
+    save_token_statistics(st, tmp_path / "t.safetensors")
+    back = load_token_statistics(tmp_path / "t.safetensors")
+    assert all(torch.equal(st[k], back[k]) for k in st)
+    attach_token_statistics(vit_teacher.model, tmp_path / "t.safetensors")
+    assert "dfkd_token_mean" not in json.dumps(list(vit_teacher.state_dict()))  # not persistent
+    assert resolve_prior_name(vit_teacher.model, "vit_token_stats") == "vit_token_stats"
+
+
+def test_deepinversion_with_vit_teacher(vit_teacher):
+    from generators import build_synthesizer
+
+    syn = build_synthesizer("deepinversion", vit_teacher, batch_size=4, seed=0, iterations=2)
+    assert syn.prior_name == "vit"
+    b = syn.step()
+    assert b.images.shape == (4, 3, 8, 8) and 0 <= b.images.min() and b.images.max() <= 1
+    assert _hooks(vit_teacher) == 0
+
+
+# -- manifold distillation -------------------------------------------------------------------
+def _relations_by_hand(fs, ft, idx):
+    """Loops over images / positions with explicit cosine similarities."""
+    b, n, _ = fs.shape
+
+    def cos(u, v):
+        return float(torch.dot(u, v) / (u.norm() * v.norm()))
+
+    patch = sum(sum((cos(ft[i, p], ft[i, q]) - cos(fs[i, p], fs[i, q])) ** 2 for p in range(n) for q in range(n))
+                for i in range(b)) / b
+    sample = sum(sum((cos(ft[i, p], ft[j, p]) - cos(fs[i, p], fs[j, p])) ** 2 for i in range(b) for j in range(b))
+                 for p in range(n)) / n
+    fsr, ftr = fs.reshape(b * n, -1)[idx], ft.reshape(b * n, -1)[idx]
+    rand = sum((cos(ftr[a], ftr[c]) - cos(fsr[a], fsr[c])) ** 2 for a in range(len(idx)) for c in range(len(idx)))
+    return patch, sample, rand
+
+
+def test_manifold_matches_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    fs, ft = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 5, generator=g)  # widths differ
+    terms = manifold_terms(fs, ft, num_random=4, generator=torch.Generator().manual_seed(7))
+    idx = torch.randperm(6, generator=torch.Generator().manual_seed(7))[:4]
+    patch, sample, rand = _relations_by_hand(fs, ft, idx)
+    assert terms["patch"].item() == pytest.approx(patch, rel=1e-5)
+    assert terms["sample"].item() == pytest.approx(sample, rel=1e-5)
+    assert terms["rand"].item() == pytest.approx(rand, rel=1e-5)
+
+
+def test_manifold_zero_when_student_equals_teacher():
+    vit = tiny_vit(3)
+    teacher = Teacher(vit, [0.5] * 3, [0.25] * 3, (3, 8, 8), 4)
+    student = Normalized(tiny_vit(3), [0.5] * 3, [0.25] * 3, (3, 8, 8), 4)
+    loss = build_student_loss("manifold", kd=0.0, manifold=1.0)
+    value, stats = loss(student, teacher, torch.rand(4, 3, 8, 8))
+    assert value.abs().item() < 1e-6 and stats["loss/manifold"] < 1e-6
+    assert _hooks(teacher) == 0 and _hooks(student) == 0
+
+
+def test_layer_pairs():
+    assert layer_pairs(2, 4) == [(0, 1), (1, 3)]
+    assert layer_pairs(3, 3) == [(0, 0), (1, 1), (2, 2)]
+    assert layer_pairs(2, 4, [[-1, -1], [0, 2]]) == [(1, 3), (0, 2)]
+    with pytest.raises(DfkdError):
+        layer_pairs(2, 4, [[2, 0]])
+
+
+def test_capture_blocks_reads_outputs_and_removes_hooks():
+    vit = tiny_vit(0).eval()
+    with capture_blocks(vit, [-1]) as feats:
+        vit(torch.rand(2, 3, 8, 8))
+    assert feats[1].shape == (2, 17, 16)
+    assert _hooks(vit) == 0
+
+
+# -- feature KD with a learned projection, through the Distiller's optimizer -----------------
+def _distiller(teacher, student, loss, pool=64):
+    from dfkd.distill import Distiller, DistillSettings
+    from generators import build_synthesizer
+
+    syn = build_synthesizer("noise", teacher, batch_size=16, seed=0)
+    s = DistillSettings(rounds=1, kd_steps=1, batch_size=16, lr=3e-3, eval_every=0, checkpoint_every=0)
+    return Distiller(teacher, student, syn, s, loss=loss, progress=False)
+
+
+def test_feature_projection_is_optimised(vit_teacher):
+    student = Normalized(tiny_vit(1, embed_dim=16, depth=1, class_token=False), [0.5] * 3, [0.25] * 3, (3, 8, 8), 4)
+    loss = build_student_loss("feature")
+    d = _distiller(vit_teacher, student, loss)
+    proj = loss.features.proj["0_1"]
+    assert isinstance(proj, torch.nn.Linear) and proj.weight.shape == (24, 16)
+    opt_params = {id(p) for g in d.optimizer.param_groups for p in g["params"]}
+    assert id(proj.weight) in opt_params
+    before = proj.weight.detach().clone()
+    d.train_student_step(torch.rand(8, 3, 8, 8))
+    assert not torch.equal(before, proj.weight)
+
+
+def test_combined_weights_from_config_terms(vit_teacher):
+    student = Normalized(tiny_vit(1, distilled=True), [0.5] * 3, [0.25] * 3, (3, 8, 8), 4)
+    loss = build_student_loss("vit", kd=1.0, deit=1.0, manifold=0.5, feature=0.5, distillation="soft",
+                              layers=[[-1, -1]])
+    loss.setup(student, vit_teacher)
+    student.train()
+    value, stats = loss(student, vit_teacher, torch.rand(4, 3, 8, 8))
+    assert set(stats) == {"loss/kd", "loss/deit", "loss/manifold", "loss/feature"}
+    expect = stats["loss/kd"] + stats["loss/deit"] + 0.5 * stats["loss/manifold"] + 0.5 * stats["loss/feature"]
+    assert value.item() == pytest.approx(expect, rel=1e-4)
+
+
+def test_registered_losses_and_configs():
+    import yaml
+
+    from dfkd.pipeline import build_loss_from_cfg
+
+    assert {"vit", "deit", "manifold", "feature", "kd"} <= set(STUDENT_LOSSES)
+    for name in ("deit", "deit_soft", "manifold", "feature", "vit"):
+        cfg = yaml.safe_load((ROOT / "configs" / "loss" / f"{name}.yaml").read_text())
+        assert isinstance(build_loss_from_cfg(cfg), ViTDistillLoss)
+    with pytest.raises(DfkdError, match="distill"):
+        build_student_loss("deit").setup(Normalized(tiny_vit(1), [0.5] * 3, [0.25] * 3, (3, 8, 8), 4), None)
+
+
+# -- DeiT distillation token -----------------------------------------------------------------
+@pytest.mark.parametrize("variant", ["hard", "soft"])
+def test_distillation_token_trains_and_evaluates(vit_teacher, variant):
+    student = Normalized(tiny_vit(1, distilled=True), [0.5] * 3, [0.25] * 3, (3, 8, 8), 4)
+    loss = build_student_loss("deit", distillation=variant)
+    d = _distiller(vit_teacher, student, loss)
+    student.train()
+    x = torch.rand(16, 3, 8, 8)
+    losses = [d.train_student_step(x).item() for _ in range(8)]
+    assert losses[-1] < losses[0]
+    # train mode: both heads; eval mode: their average (timm's inference behaviour)
+    out = student(x)
+    assert isinstance(out, tuple) and len(out) == 2
+    student.eval()
+    with torch.no_grad():
+        avg = student(x)
+        feats = student.model.forward_features(student.normalize(x))
+        cls = student.model.head(feats[:, 0])
+        dist = student.model.head_dist(feats[:, 1])
+    assert torch.allclose(avg, (cls + dist) / 2, atol=1e-5)
+    from dfkd.eval.classification import evaluate
+    from dfkd.data import ArrayDataset
+
+    res = evaluate(student, ArrayDataset(x, vit_teacher(x).argmax(1)))
+    assert 0.0 <= res["top1"] <= 1.0
+
+
+# -- scripts ---------------------------------------------------------------------------------
+def test_train_vit_teacher_smoke(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_vit_teacher", ROOT / "scripts" / "train_vit_teacher.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "vit_teacher"
+    result = mod.main(["--smoke", "--out", str(out)])
+    ckpt = out / "teacher.safetensors"
+    assert ckpt.is_file() and ckpt.stat().st_size <= 12 * 2**20
+    metrics = json.loads((out / "teacher_metrics.json").read_text())
+    assert metrics["test_top1"] == result["test_top1"] and 0.0 <= metrics["test_top1"] <= 1.0
+    stats = load_token_statistics(out / "teacher.token_stats.safetensors")
+    model = build_model(metrics["model"], checkpoint=ckpt, **metrics["kwargs"])
+    attach_token_statistics(model, stats)
+    assert resolve_prior_name(model, "auto") == "vit"
