@@ -68,7 +68,7 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "method": method,
             "kind": KIND.get(method, "data-free"),
             "student_top1_mean": statistics.mean(accs),
-            "student_top1_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
+            "student_top1_std": statistics.pstdev(accs) if len(accs) > 1 else None,
             "student_top1_per_seed": accs,
             "distill_seconds_mean": statistics.mean(r["distill_seconds"] for r in rs),
             "synth_images_per_second": statistics.mean(ips) if ips else None,
@@ -77,10 +77,30 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def redact_paths(obj: Any) -> Any:
+    """Replace this machine's data folder (DFKD_DATA) and home folder in results with placeholders,
+    so results files can be shared."""
+    import os
+
+    subs = [(os.environ.get("DFKD_DATA"), "$DFKD_DATA"), (str(Path.home()), "~")]
+    subs = [(str(Path(a).resolve()) if a else None, b) for a, b in subs] + subs
+    if isinstance(obj, str):
+        for a, b in subs:
+            if a and a not in ("/", ".") and a in obj:
+                obj = obj.replace(a, b)
+        return obj
+    if isinstance(obj, dict):
+        return {k: redact_paths(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact_paths(v) for v in obj]
+    return obj
+
+
 def write_results(name: str, title: str, out_dir: Path, rows: list[dict[str, Any]], teacher_top1: float,
                   extra: dict[str, Any], started: float) -> tuple[Path, Path]:
     from dfkd.pipeline import hardware
 
+    rows = redact_paths(rows)
     table = aggregate(rows)
     result = {
         "benchmark": name,
@@ -112,7 +132,8 @@ def write_results(name: str, title: str, out_dir: Path, rows: list[dict[str, Any
     ]
     for r in table:
         ips = f"{r['synth_images_per_second']:.0f}" if r["synth_images_per_second"] else "—"
-        lines.append(f"| {r['method']} | {r['kind']} | {r['student_top1_mean']:.4f} | {r['student_top1_std']:.4f} "
+        std = f"{r['student_top1_std']:.4f}" if r["student_top1_std"] is not None else "— (1 seed)"
+        lines.append(f"| {r['method']} | {r['kind']} | {r['student_top1_mean']:.4f} | {std} "
                      f"| {r['distill_seconds_mean']:.0f} | {ips} |")
     curves = time_to_accuracy(rows)
     result["time_to_accuracy"] = curves

@@ -8,7 +8,7 @@ Writes into ``--out``:
   teacher_metrics.json             test top-1/top-5, wall time, hardware, the exact command
 
     python scripts/train_vit_teacher.py --data-root DATA --out runs/vit_teacher_cifar10      # GPU
-    python scripts/train_vit_teacher.py --smoke --out /tmp/vit_smoke                         # CPU, seconds
+    python scripts/train_vit_teacher.py --smoke --out vit_smoke                             # CPU, seconds
 
 The data root holds cifar10_test.npz and cifar10_train_part{0..4}of5.npz (or a cifar10/ folder).
 ``--smoke`` trains a tiny ViT for a few steps on the built-in digits (no files needed).
