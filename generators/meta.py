@@ -70,7 +70,7 @@ class FastMetaGenerator(AdversarialGenerator):
         fast_params = list(fast.parameters())
         opt = torch.optim.Adam([{"params": fast_params}, {"params": [z], "lr": self.lr_z}],
                                lr=self.lr, betas=(0.5, 0.999))
-        best_loss, best_x, parts = float("inf"), None, {}
+        best_loss, best_x, parts = None, None, {}
         with self._prior_context() as prior:
             for _ in range(self.g_steps):
                 x = fast(z, y)
@@ -78,9 +78,14 @@ class FastMetaGenerator(AdversarialGenerator):
                 opt.zero_grad(set_to_none=True)
                 loss.backward(inputs=fast_params + [z])
                 opt.step()
-                value = float(loss.detach())
-                if value < best_loss:
+                # keep the lowest-loss batch on the device: no host sync inside the adaptation loop
+                value = loss.detach()
+                if best_x is None:
                     best_loss, best_x = value, x.detach()
+                else:
+                    better = value < best_loss
+                    best_loss = torch.where(better, value, best_loss)
+                    best_x = torch.where(better, x.detach(), best_x)
         if student is not None:
             student.train(was_training)
         # first-order Reptile: the meta generator moves toward the adapted weights
