@@ -32,6 +32,24 @@ def compose(config_name: str, overrides: Sequence[str]):
         return _compose(config_name=config_name, overrides=list(overrides))
 
 
+def prepare_teacher(config_name: str, overrides: Sequence[str], train_split: bool = True) -> dict[str, Any]:
+    """Compose the config, set up the runtime, build (train or load) the teacher and score it once.
+    Every benchmark row then finds the teacher cached."""
+    from dfkd.eval.classification import evaluate
+    from dfkd.pipeline import build_teacher, load_data, setup_runtime
+
+    cfg = compose(config_name, overrides)
+    device = setup_runtime(cfg)
+    data = load_data(cfg.data, train=train_split)
+    t0 = time.perf_counter()
+    teacher = build_teacher(cfg.teacher, data, device, seed=int(cfg.seed), progress=False)
+    seconds = time.perf_counter() - t0
+    top1 = evaluate(teacher, data.test, device=device)["top1"]
+    print(f"teacher top-1 {top1:.4f} ({seconds:.0f} s)", flush=True)
+    return {"cfg": cfg, "device": device, "data": data, "teacher": teacher, "teacher_top1": top1,
+            "teacher_seconds": seconds}
+
+
 def run_methods(methods: Sequence[str], common: Sequence[str], per_method: dict[str, Sequence[str]],
                 seeds: Sequence[int], out_dir: Path, options: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Run every method (a ``synthesizer`` config option; ``options`` maps a method to another

@@ -32,26 +32,20 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("DFKD_CACHE", str(Path(tempfile.gettempdir()) / "dfkd_bench_cache"))
 
-    from dfkd.bench import compose, run_methods, write_results
-    from dfkd.eval.classification import evaluate
-    from dfkd.pipeline import build_teacher, load_data, setup_runtime
+    from dfkd.bench import prepare_teacher, run_methods, write_results
 
     started = time.perf_counter()
     common = [f"threads={args.threads}", *args.overrides]
     if args.budget_minutes:
         common += [f"distill.budget_minutes={args.budget_minutes}", "distill.rounds=100000",
                    "distill.eval_every=0"]
-    cfg = compose("distill", common)
-    device = setup_runtime(cfg)
-    data = load_data(cfg.data)
-    t0 = time.perf_counter()
-    teacher = build_teacher(cfg.teacher, data, device, seed=int(cfg.seed), progress=False)
-    teacher_seconds = time.perf_counter() - t0
-    teacher_top1 = evaluate(teacher, data.test)["top1"]
-    print(f"teacher top-1 {teacher_top1:.4f} ({teacher_seconds:.0f} s)", flush=True)
+    t = prepare_teacher("distill", common)
+    cfg, teacher_top1, teacher_seconds = t["cfg"], t["teacher_top1"], t["teacher_seconds"]
     out_dir = args.out
     rows = run_methods(args.methods, common, {}, args.seeds, out_dir / "b0_digits")
-    extra = {"budget_minutes_per_method": args.budget_minutes, "teacher_train_seconds": round(teacher_seconds, 1),
+    d = cfg.distill
+    extra = {"per_method": f"{d.rounds} rounds x {d.kd_steps} KD steps, capped at {d.budget_minutes} min",
+             "teacher_train_seconds": round(teacher_seconds, 1),
              "task": "sklearn digits 8x8, small BatchNorm CNN teacher -> tiny ViT student (136k params)"}
     j, m = write_results("b0_digits", "B0 — digits, CPU, side by side", out_dir, rows, teacher_top1, extra, started)
     print(Path(m).read_text())

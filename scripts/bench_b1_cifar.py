@@ -43,9 +43,7 @@ def main() -> None:
 
     import torch
 
-    from dfkd.bench import compose, run_methods, write_results
-    from dfkd.eval.classification import evaluate
-    from dfkd.pipeline import build_teacher, load_data, setup_runtime
+    from dfkd.bench import prepare_teacher, run_methods, write_results
 
     started = time.perf_counter()
     root = Path(args.data_root)
@@ -61,12 +59,8 @@ def main() -> None:
     if cpu:
         common += CPU
     common += args.overrides
-    cfg = compose("distill", common)
-    device = setup_runtime(cfg)
-    data = load_data(cfg.data, train=False)
-    teacher = build_teacher(cfg.teacher, data, device, progress=False)
-    teacher_top1 = evaluate(teacher, data.test, device=device)["top1"]
-    print(f"teacher top-1 {teacher_top1:.4f}", flush=True)
+    t = prepare_teacher("distill", common, train_split=False)
+    device, teacher_top1 = t["device"], t["teacher_top1"]
     name = f"b1_{args.student}_{device.type}"
     rows = run_methods(args.methods, common, per_method, args.seeds, args.out / name,
                        options={"deepinversion": "deepinversion_cifar"})

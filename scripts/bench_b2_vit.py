@@ -52,10 +52,9 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("DFKD_CACHE", str(Path(tempfile.gettempdir()) / "dfkd_bench_cache"))
 
-    from dfkd.bench import compose, write_results
+    from dfkd.bench import compose, prepare_teacher, write_results
     from dfkd.errors import DfkdError
-    from dfkd.eval.classification import evaluate
-    from dfkd.pipeline import build_teacher, load_data, run_distill, setup_runtime
+    from dfkd.pipeline import run_distill
 
     started = time.perf_counter()
     if args.cifar10:
@@ -72,14 +71,8 @@ def main() -> None:
         common = ["experiment=b2_vit_digits", "device=cpu"]
     common += [f"threads={args.threads}", f"distill.budget_minutes={budget}", "distill.rounds=100000",
                "distill.eval_every=0", "distill.checkpoint_every=0", *args.overrides]
-    cfg = compose("distill", common)
-    device = setup_runtime(cfg)
-    data = load_data(cfg.data)
-    t0 = time.perf_counter()
-    teacher = build_teacher(cfg.teacher, data, device, seed=int(cfg.seed), progress=False)
-    teacher_seconds = time.perf_counter() - t0
-    teacher_top1 = evaluate(teacher, data.test, device=device)["top1"]
-    print(f"teacher top-1 {teacher_top1:.4f} ({teacher_seconds:.0f} s)", flush=True)
+    t = prepare_teacher("distill", common)
+    teacher_top1, teacher_seconds = t["teacher_top1"], t["teacher_seconds"]
     if not args.cifar10 and teacher_top1 < 0.9:
         print("warning: the digits ViT teacher is below 90 % top-1", flush=True)
 
