@@ -1,0 +1,1 @@
+"""Object detection: detector builders, box sampling, teacher training and student distillation."""
