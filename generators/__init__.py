@@ -8,3 +8,5 @@ from generators import baselines, inversion, adversarial, meta  # noqa: F401  (r
 from generators import stored  # noqa: F401  (registration)
 
 __all__ = ["SYNTHESIZERS", "Synthesizer", "SyntheticBatch", "build_synthesizer"]
+from generators import diffusion  # noqa: F401,E402  (registration; needs diffusers only when used)
+from generators import box_inversion  # noqa: F401,E402  (registration: box_inversion, box_noise)
