@@ -37,6 +37,8 @@ class Synthesizer:
     uses_student: bool = False
     #: whether the synthesizer reads real training images (only the real-data ceiling does)
     needs_real_data: bool = False
+    #: "classification" (images + labels + teacher logits) or "detection" (images + box targets)
+    task: str = "classification"
 
     def __init__(self, teacher: Teacher, batch_size: int = 64, seed: int = 0,
                  device: torch.device | str = "cpu"):

@@ -1,0 +1,182 @@
+"""Box-conditioned inversion of a detector (DIODE, Chawla et al., WACV 2021): optimise pixels.
+
+Each :meth:`BoxInversion.step` samples target boxes (sides uniform in ``size`` × the image,
+random classes), starts a batch from noise and runs ``iterations`` Adam steps on
+
+    det · L_det(teacher, aug(x), aug(boxes)) + bn · R_feature(x) + tv · TV(x) + l2 · ‖x − ½‖₂
+
+where ``L_det`` is the teacher detector's own training loss (classification + box regression
+[+ centerness]) for the sampled boxes, computed with its BatchNorm layers in eval mode, and
+``R_feature`` is DeepInversion's BatchNorm-statistics prior on the teacher's backbone. ``aug``
+moves boxes with the pixels (:class:`~dfkd.detection.boxes.BoxAugment`). Pixels are optimised
+directly and clamped to [0, 1] after every step. With ``add_teacher_detections=τ`` the teacher's
+confident (score ≥ τ) detections on the final images that do not overlap a sampled box
+(IoU < ``overlap_iou``) join the targets.
+
+``box_noise`` is the noise floor: Gaussian images with the teacher's detections as targets.
+Both return ``SyntheticBatch(images, targets=[{"boxes", "labels"}...], stats)``.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Optional
+
+import torch
+from torch import nn
+
+from dfkd.detection.boxes import BoxAugment, box_iou, filter_boxes, sample_boxes
+from dfkd.losses import l2_prior, tv_prior
+from generators.base import SYNTHESIZERS, Synthesizer, SyntheticBatch
+
+
+def _check_detection_teacher(teacher, name: str) -> None:
+    if not (hasattr(teacher, "detect") and hasattr(teacher, "loss")):
+        from dfkd.errors import DfkdError
+
+        raise DfkdError(f"the {name!r} synthesizer needs a detection teacher (dfkd.detection.models.DetectionTeacher), "
+                        f"got {type(teacher).__name__}")
+
+
+def _teacher_targets(teacher, images: torch.Tensor, score_thresh: float) -> list[dict]:
+    dets = teacher.detect(images, score_thresh=score_thresh)
+    return [{"boxes": d["boxes"].detach(), "labels": d["labels"].detach(), "scores": d["scores"].detach()}
+            for d in dets]
+
+
+def teacher_recall(teacher, images: torch.Tensor, targets: list[dict], score_thresh: float = 0.3,
+                   iou: float = 0.5) -> float:
+    """Fraction of target boxes the teacher (or any eval-mode detector) finds: same class,
+    IoU ≥ ``iou``, score ≥ ``score_thresh``."""
+    if hasattr(teacher, "detect"):
+        dets = teacher.detect(images, score_thresh=score_thresh)
+    else:
+        with torch.no_grad():
+            dets = teacher(list(images.unbind(0)) if isinstance(images, torch.Tensor) else images)
+        dets = [{k: v[d["scores"] >= score_thresh] for k, v in d.items()} for d in dets]
+    hit = total = 0
+    for d, t in zip(dets, targets):
+        total += len(t["boxes"])
+        if len(t["boxes"]) and len(d["boxes"]):
+            m = box_iou(t["boxes"], d["boxes"]) >= iou
+            m &= t["labels"][:, None] == d["labels"][None, :]
+            hit += int(m.any(1).sum())
+    return hit / max(1, total)
+
+
+@SYNTHESIZERS.register("box_inversion")
+class BoxInversion(Synthesizer):
+    """DIODE-style pixel optimisation against a :class:`~dfkd.detection.models.DetectionTeacher`."""
+
+    task = "detection"
+
+    def __init__(
+        self,
+        teacher,
+        batch_size: int = 32,
+        seed: int = 0,
+        device="cpu",
+        iterations: int = 200,
+        lr: float = 0.1,
+        det: float = 1.0,
+        bn: float = 0.05,
+        first_bn_multiplier: float = 10.0,
+        tv: float = 1e-3,
+        l2: float = 1e-5,
+        boxes_per_image: int = 1,
+        size: tuple[float, float] = (0.2, 0.8),
+        add_teacher_detections: Optional[float] = None,
+        overlap_iou: float = 0.3,
+        augment: bool = True,
+        flip: bool = True,
+        jitter: float = 0.05,
+        scale: float = 0.0,
+        init_std: float = 0.2,
+    ):
+        _check_detection_teacher(teacher, "box_inversion")
+        super().__init__(teacher, batch_size, seed, device)
+        self.iterations = int(iterations)
+        self.lr = float(lr)
+        self.w_det, self.w_bn, self.w_tv, self.w_l2 = map(float, (det, bn, tv, l2))
+        self.first_bn_multiplier = float(first_bn_multiplier)
+        self.boxes_per_image = int(boxes_per_image)
+        self.size = (float(size[0]), float(size[1]))
+        self.add_teacher_detections = (None if add_teacher_detections is None or add_teacher_detections is False
+                                       else float(add_teacher_detections))
+        self.overlap_iou = float(overlap_iou)
+        self.augment = BoxAugment(self.input_size[1:], flip=flip, jitter=jitter, scale=scale) if augment else None
+        self.init_std = float(init_std)
+        if self.w_bn > 0:  # fail now (one line), not mid-run, when the teacher has no BatchNorm
+            from dfkd.hooks import BatchNormPrior
+
+            BatchNormPrior(teacher.model.backbone)
+
+    def sample_targets(self) -> list[dict]:
+        return sample_boxes(self.batch_size, self.input_size[1:], self.num_classes, self.boxes_per_image,
+                            self.size, generator=self.cpu_rng, device=self.device)
+
+    def step(self, student: nn.Module | None = None) -> SyntheticBatch:
+        targets = self.sample_targets()
+        x = (0.5 + self.init_std * self.randn(self.batch_size, *self.input_size)).clamp_(0, 1)
+        x.requires_grad_(True)
+        opt = torch.optim.Adam([x], lr=self.lr, betas=(0.5, 0.99))
+        ctx = (self.teacher.statistics("batchnorm", first_weight=self.first_bn_multiplier)
+               if self.w_bn > 0 else nullcontext())
+        stats: dict[str, float] = {}
+        with ctx as prior:
+            for _ in range(self.iterations):
+                opt.zero_grad(set_to_none=True)
+                if self.augment is not None:
+                    xa, ta = self.augment(x, targets, generator=self.cpu_rng)
+                else:
+                    xa, ta = x, targets
+                parts = self.teacher.loss(xa, ta)
+                loss_det = sum(parts.values())
+                loss_prior = prior.loss() if prior is not None else torch.zeros((), device=x.device)
+                loss = (self.w_det * loss_det + self.w_bn * loss_prior
+                        + self.w_tv * tv_prior(x) + self.w_l2 * l2_prior(x))
+                loss.backward(inputs=[x])
+                opt.step()
+                with torch.no_grad():
+                    x.clamp_(0, 1)
+            if self.iterations:
+                stats = {f"syn/{k}": float(v.detach()) for k, v in parts.items()}
+                stats.update({"syn/det": float(loss_det.detach()), "syn/prior": float(loss_prior.detach()),
+                              "syn/loss": float(loss.detach())})
+        x = x.detach()
+        stats["syn/teacher_recall"] = teacher_recall(self.teacher, x, targets)
+        if self.add_teacher_detections is not None:
+            targets = self._add_detections(x, targets)
+        stats["syn/boxes_per_image"] = sum(len(t["boxes"]) for t in targets) / max(1, len(targets))
+        return SyntheticBatch(images=x, targets=targets, stats=stats)
+
+    def _add_detections(self, x: torch.Tensor, targets: list[dict]) -> list[dict]:
+        out = []
+        for t, d in zip(targets, _teacher_targets(self.teacher, x, self.add_teacher_detections)):
+            keep = box_iou(d["boxes"], t["boxes"]).amax(1) < self.overlap_iou if len(t["boxes"]) else \
+                torch.ones(len(d["boxes"]), dtype=torch.bool, device=d["boxes"].device)
+            d = filter_boxes(d, keep)
+            out.append({"boxes": torch.cat([t["boxes"], d["boxes"].to(t["boxes"].dtype)]),
+                        "labels": torch.cat([t["labels"], d["labels"].to(t["labels"].dtype)])})
+        return out
+
+
+@SYNTHESIZERS.register("box_noise")
+class BoxNoise(Synthesizer):
+    """The detection noise floor: N(mean, std²) pixels clamped to [0, 1]; targets are the teacher's
+    detections with score ≥ ``score_thresh`` (often none)."""
+
+    task = "detection"
+
+    def __init__(self, teacher, batch_size: int = 32, seed: int = 0, device="cpu",
+                 mean: float = 0.5, std: float = 0.25, score_thresh: float = 0.3):
+        _check_detection_teacher(teacher, "box_noise")
+        super().__init__(teacher, batch_size, seed, device)
+        self.mean, self.std, self.score_thresh = float(mean), float(std), float(score_thresh)
+
+    def step(self, student: nn.Module | None = None) -> SyntheticBatch:
+        x = (self.mean + self.std * self.randn(self.batch_size, *self.input_size)).clamp_(0, 1)
+        targets = [{"boxes": t["boxes"], "labels": t["labels"]}
+                   for t in _teacher_targets(self.teacher, x, self.score_thresh)]
+        n = sum(len(t["boxes"]) for t in targets)
+        return SyntheticBatch(images=x, targets=targets, stats={"syn/boxes_per_image": n / max(1, len(x))})
