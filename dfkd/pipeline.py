@@ -180,6 +180,8 @@ def build_synthesizer_from_cfg(syn_cfg: Mapping[str, Any], teacher: Teacher, dat
         if data.train is None:
             raise DfkdError(f"synthesizer {name!r} needs the dataset's train split")
         kw["dataset"] = data.train
+    if "class_names" in inspect.signature(cls.__init__).parameters and kw.get("class_names") is None:
+        kw["class_names"] = list(data.class_names)  # text-to-image prompts
     try:
         return cls(teacher=teacher, seed=seed, device=device, **kw)
     except (TypeError, ValueError) as e:

@@ -23,7 +23,12 @@ Supported folders:
   ``vae/`` (``AutoencoderKL``: the loop runs in latent space and the teacher sees the decoded
   image);
 * a bare ``UNet2DModel`` folder (``config.json`` + weights), sampled with a default DDPM
-  noise schedule.
+  noise schedule;
+* a text-to-image pipeline folder (``unet/`` holding a ``UNet2DConditionModel``, ``vae/``,
+  ``text_encoder/``, ``tokenizer/``, ``scheduler/``; needs ``transformers``, the
+  ``text2image`` extra): one prompt per teacher class is built from the class names
+  (``prompt="a photo of a {name}"``), and ``cfg`` is the usual text guidance scale against
+  ``negative_prompt``.
 
 Diffusers pipelines run under ``no_grad``; that is why the loop is written here.
 """
@@ -68,6 +73,12 @@ class DiffusionModel:
     vae: Optional[nn.Module] = None
     meta: dict = field(default_factory=dict)
     path: Optional[Path] = None
+    text_encoder: Optional[nn.Module] = None
+    tokenizer: Any = None
+
+    @property
+    def text_conditional(self) -> bool:
+        return self.text_encoder is not None
 
     @property
     def class_conditional(self) -> bool:
@@ -90,9 +101,9 @@ class DiffusionModel:
         return None if v is None else int(v)
 
     def to(self, device) -> "DiffusionModel":
-        self.unet.to(device)
-        if self.vae is not None:
-            self.vae.to(device)
+        for m in (self.unet, self.vae, self.text_encoder):
+            if m is not None:
+                m.to(device)
         return self
 
 
@@ -121,13 +132,16 @@ def load_diffusion(path: str | Path, device: torch.device | str = "cpu") -> Diff
     except ValueError as e:
         raise DfkdError(f"{unet_dir / 'config.json'} is corrupt: {e}") from None
     cls_name = cfg.get("_class_name", "UNet2DModel")
-    if cls_name != "UNet2DModel":
-        raise DfkdError(f"{unet_dir}: the diffusion synthesizer samples UNet2DModel denoisers, this folder holds "
-                        f"{cls_name} (text-conditioned models are not supported yet)")
+    if cls_name not in ("UNet2DModel", "UNet2DConditionModel"):
+        raise DfkdError(f"{unet_dir}: the diffusion synthesizer samples UNet2DModel or UNet2DConditionModel "
+                        f"denoisers, this folder holds {cls_name}")
     try:
-        unet = diffusers.UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True)
+        unet = getattr(diffusers, cls_name).from_pretrained(str(unet_dir), local_files_only=True)
     except Exception as e:  # noqa: BLE001 - diffusers raises many kinds
         raise DfkdError(f"cannot load the UNet in {unet_dir}: {str(e).splitlines()[0]}") from None
+    text_encoder = tokenizer = None
+    if cls_name == "UNet2DConditionModel":
+        text_encoder, tokenizer = _load_text_encoder(root)
     sched_file = root / "scheduler" / "scheduler_config.json"
     if sched_file.is_file():
         try:
@@ -144,7 +158,36 @@ def load_diffusion(path: str | Path, device: torch.device | str = "cpu") -> Diff
             raise DfkdError(f"cannot load the VAE in {root / 'vae'}: {str(e).splitlines()[0]}") from None
         vae.requires_grad_(False).eval()
     unet.requires_grad_(False).eval()
-    return DiffusionModel(unet=unet, scheduler_config=sched_cfg, vae=vae, meta=meta, path=root).to(device)
+    return DiffusionModel(unet=unet, scheduler_config=sched_cfg, vae=vae, meta=meta, path=root,
+                          text_encoder=text_encoder, tokenizer=tokenizer).to(device)
+
+
+def _load_text_encoder(root: Path):
+    """The text encoder and tokenizer of a text-to-image pipeline folder (transformers)."""
+    try:
+        import transformers
+    except ImportError:
+        raise DfkdError("text-to-image models need the 'transformers' package: pip install 'dfkd[text2image]'") from None
+    transformers.logging.set_verbosity_error()
+    for sub in ("text_encoder", "tokenizer"):
+        if not (root / sub).is_dir():
+            raise DfkdError(f"{root} holds a text-conditioned UNet but no {sub}/ folder")
+    enc_cls = transformers.AutoModel
+    index = root / "model_index.json"
+    if index.is_file():
+        try:
+            entry = json.loads(index.read_text()).get("text_encoder")
+            if isinstance(entry, list) and len(entry) == 2 and hasattr(transformers, entry[1]):
+                enc_cls = getattr(transformers, entry[1])
+        except ValueError:
+            pass
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
+        text_encoder = enc_cls.from_pretrained(str(root / "text_encoder"), local_files_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise DfkdError(f"cannot load the text encoder/tokenizer in {root}: {str(e).splitlines()[0]}") from None
+    text_encoder.requires_grad_(False).eval()
+    return text_encoder, tokenizer
 
 
 def make_scheduler(kind: str, config: dict):
@@ -191,7 +234,8 @@ class DiffusionSynthesizer(Synthesizer):
                  guidance: float = 1.0, guidance_start: float = 0.0, ce: float = 1.0, bn: float = 0.0,
                  prior: str = "auto", adv: float = 0.0, cfg: float = 1.0,
                  class_map: Optional[Sequence[int]] = None, min_confidence: float = 0.0,
-                 max_rounds: int = 3, label_source: str = "target"):
+                 max_rounds: int = 3, label_source: str = "target", class_names: Optional[Sequence[str]] = None,
+                 prompt: str = "a photo of a {name}", negative_prompt: str = ""):
         if not path:
             raise DfkdError("the 'diffusion' synthesizer needs synthesizer.path=MODEL_DIR (a local diffusers folder)")
         super().__init__(teacher, batch_size, seed, device)
@@ -209,6 +253,9 @@ class DiffusionSynthesizer(Synthesizer):
             raise ValueError("label_source must be 'target' or 'teacher'")
         self.label_source = label_source
         self._check_shapes(class_map)
+        self.prompt_embeds = self.negative_embeds = None
+        if self.model.text_conditional:
+            self._encode_prompts(class_names, prompt, negative_prompt)
         from dfkd.hooks import resolve_prior_name
 
         self.prior_name = resolve_prior_name(teacher.model, prior) if self.w_bn > 0 and self.guidance > 0 else None
@@ -236,9 +283,29 @@ class DiffusionSynthesizer(Synthesizer):
             elif n_embed < self.num_classes:
                 raise DfkdError(f"the diffusion model knows {n_embed} classes, the teacher {self.num_classes}; "
                                 "give synthesizer.class_map")
-        if self.cfg_scale != 1.0 and (not m.class_conditional or m.null_class is None):
+        if self.cfg_scale != 1.0 and not m.text_conditional and (not m.class_conditional or m.null_class is None):
             raise DfkdError("classifier-free guidance (cfg != 1) needs a class-conditional model trained with a "
                             "null class (dfkd-train-diffusion makes one)")
+
+    @torch.no_grad()
+    def _encode_prompts(self, class_names, prompt: str, negative_prompt: str) -> None:
+        """One prompt per teacher class (``prompt`` with ``{name}``), encoded once."""
+        names = list(class_names or [])
+        if len(names) != self.num_classes:
+            raise DfkdError(f"a text-to-image model needs the teacher's {self.num_classes} class names "
+                            f"(synthesizer.class_names), got {len(names)}")
+        if "{name}" not in prompt:
+            raise DfkdError("synthesizer.prompt must contain {name}, e.g. 'a photo of a {name}'")
+        self.prompts = [prompt.format(name=str(n).replace("_", " ")) for n in names]
+        tok, enc = self.model.tokenizer, self.model.text_encoder
+
+        def encode(texts):
+            ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids.to(self.device)
+            return enc(ids)[0].float()
+
+        self.prompt_embeds = encode(self.prompts)
+        self.negative_embeds = encode([negative_prompt])
 
     # -- pieces --------------------------------------------------------------------------
     def _decode(self, x0: torch.Tensor) -> torch.Tensor:
@@ -253,6 +320,14 @@ class DiffusionSynthesizer(Synthesizer):
 
     def _eps(self, xin: torch.Tensor, t: torch.Tensor, classes: Optional[torch.Tensor]) -> torch.Tensor:
         unet = self.model.unet
+        if self.prompt_embeds is not None:  # text-to-image: classes are teacher classes → prompts
+            cond = self.prompt_embeds[classes].to(xin.dtype)
+            if self.cfg_scale == 1.0:
+                return unet(xin, t, encoder_hidden_states=cond).sample.float()
+            neg = self.negative_embeds.expand(len(xin), -1, -1).to(xin.dtype)
+            both = unet(torch.cat([xin, xin]), t, encoder_hidden_states=torch.cat([cond, neg])).sample.float()
+            c, u = both.chunk(2)
+            return u + self.cfg_scale * (c - u)
         if classes is None:
             return unet(xin, t).sample.float()
         if self.cfg_scale == 1.0:
@@ -298,7 +373,9 @@ class DiffusionSynthesizer(Synthesizer):
         m = self.model
         n = len(labels)
         classes = None
-        if m.class_conditional:
+        if m.text_conditional:
+            classes = labels
+        elif m.class_conditional:
             classes = self.class_map[labels] if self.class_map is not None else labels
         shape = m.sample_shape if m.vae is None else (m.unet.config.in_channels, *m.sample_shape[1:])
         sched = self.scheduler

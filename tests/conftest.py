@@ -55,7 +55,8 @@ def tiny_vit_student():
 def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run an installed console command (through ``python -m`` so the test's interpreter is used)."""
     module = {"dfkd-distill": "dfkd.cli.distill", "dfkd-train-teacher": "dfkd.cli.train_teacher",
-              "dfkd-synthesize": "dfkd.cli.synthesize", "dfkd-inspect": "dfkd.cli.inspect"}[args[0]]
+              "dfkd-synthesize": "dfkd.cli.synthesize", "dfkd-inspect": "dfkd.cli.inspect",
+              "dfkd-train-diffusion": "dfkd.cli.train_diffusion"}[args[0]]
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", module, *args[1:]], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=str(ROOT))

@@ -168,3 +168,88 @@ def test_train_diffusion_saves_plain_diffusers_and_resumes(tmp_path):
     assert syn.step().images.shape == (16, 1, 8, 8)
     with pytest.raises(DfkdError, match="other settings"):
         train_diffusion(images, labels, 4, out, **{**kw, "steps": 7})
+
+
+def test_commands_end_to_end(tmp_path, cache_dir):
+    """dfkd-synthesize → dfkd-train-diffusion → dfkd-distill synthesizer=diffusion, tiny."""
+    from conftest import run_cli
+
+    from dfkd.bench import compose
+    from dfkd.cli.synthesize import run_synthesize
+    from dfkd.pipeline import run_distill
+
+    base = ["teacher.train.epochs=3", "progress=false", "threads=1", "device=cpu"]
+    ds, model = tmp_path / "ds", tmp_path / "ddpm"
+    run_synthesize(compose("synthesize", [*base, f"output={ds}", "num_images=64", "shard_size=64",
+                                          "synthesizer.iterations=5", "synthesizer.batch_size=64"]))
+    args = [f"dataset={ds}", f"output={model}", "steps=4", "batch_size=16", "widths=[8,16]", "progress=false",
+            "threads=1", "device=cpu"]
+    r = run_cli("dfkd-train-diffusion", *args, env={"DFKD_CACHE": str(cache_dir)})
+    assert r.returncode == 0, r.stderr
+    assert "4 steps" in r.stdout and (model / "unet" / "config.json").is_file()
+    summary = run_distill(compose("distill", [
+        *base, "synthesizer=diffusion", f"synthesizer.path={model}", "synthesizer.batch_size=16",
+        "synthesizer.steps=2", "student=small_cnn", "distill.rounds=2", "distill.kd_steps=2",
+        "distill.batch_size=16", "distill.eval_every=0", "resume=false"]), tmp_path / "run")
+    assert 0.0 <= summary["student_top1"] <= 1.0 and summary["synthesizer"] == "diffusion"
+    # bad input: one line, exit 2
+    for bad, needle in [([f"dataset={tmp_path / 'nope'}", f"output={model}"], "not found"),
+                        ([f"dataset={ds}", f"output={model}", "widths=[8,12]"], "divisible")]:
+        r = run_cli("dfkd-train-diffusion", *bad, "progress=false", env={"DFKD_CACHE": str(cache_dir)})
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
+
+
+def save_tiny_text_to_image(root, channels=3, size=8):
+    """A tiny randomly initialised text-to-image folder: CLIP text encoder + tokenizer, VAE, UNet2DConditionModel."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(2)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in letters:
+        vocab[c] = len(vocab)
+    for c in letters:
+        vocab[c + "</w>"] = len(vocab)
+    (root / "vocab").mkdir(parents=True)
+    (root / "vocab" / "vocab.json").write_text(json.dumps(vocab))
+    (root / "vocab" / "merges.txt").write_text("#version: 0.2\n")
+    tok = transformers.CLIPTokenizer(str(root / "vocab" / "vocab.json"), str(root / "vocab" / "merges.txt"),
+                                     model_max_length=12)
+    tok.save_pretrained(str(root / "tokenizer"))
+    cfg = transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=12,
+                                      bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    transformers.CLIPTextModel(cfg).save_pretrained(str(root / "text_encoder"))
+    diffusers.UNet2DConditionModel(
+        sample_size=size // 2, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4,
+    ).save_pretrained(str(root / "unet"))
+    diffusers.AutoencoderKL(
+        in_channels=channels, out_channels=channels, latent_channels=4, block_out_channels=(4, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4, sample_size=size,
+    ).save_pretrained(str(root / "vae"))
+    diffusers.DDPMScheduler(num_train_timesteps=100).save_pretrained(str(root / "scheduler"))
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
+                                                       "text_encoder": ["transformers", "CLIPTextModel"]}))
+    return root
+
+
+def test_text_to_image_prompts_from_class_names(tmp_path):
+    teacher = tiny_teacher(channels=3, size=8)
+    path = save_tiny_text_to_image(tmp_path / "sd")
+    names = ["cat", "dog", "ship", "truck"]
+    syn = make(teacher, path, steps=4, class_names=names, cfg=3.0)
+    assert syn.model.text_conditional and syn.prompts[2] == "a photo of a ship"
+    assert syn.prompt_embeds.shape[0] == 4
+    batch = syn.step()
+    assert batch.images.shape == (16, 3, 8, 8) and batch.images.min() >= 0 and batch.images.max() <= 1
+    gain = guidance_gain(syn, n=32)
+    assert gain["guided"] > gain["unguided"], gain
+    with pytest.raises(DfkdError, match="class names"):
+        make(teacher, path, class_names=names[:2])
+    with pytest.raises(DfkdError, match="no tokenizer"):
+        import shutil
+
+        shutil.rmtree(path / "tokenizer")
+        make(teacher, path, class_names=names)
