@@ -3,11 +3,18 @@
 Each :meth:`AdversarialGenerator.step` runs ``g_steps`` updates of the generator on
 
     ce · CE(teacher(x), y) + bn · R_feature(x) + ie · (−H(mean teacher softmax)) − adv · D(student(x), teacher(x))
+    [+ cr · L_contrastive(x)]
 
 then returns a batch from the updated generator. ``y`` are sampled classes when the generator
 is conditional (label-embedding input), otherwise the teacher's own arg-max (DAFL's one-hot
 loss). ``D`` is KL (Fast-DFKD) or L1 on logits (DFAD). The Distiller then trains the student on
 these images (and a memory of past ones), which closes the adversarial loop.
+
+``cr > 0`` adds CMI's contrastive diversity term (Fang et al., IJCAI 2021): the teacher's
+penultimate features of two views of each image (the jittered image and a random resized crop)
+pass through a small projection head trained along; an InfoNCE loss makes each image's two views
+agree while its embedding differs from the other images of the batch and from a bank of
+embeddings of earlier batches, so new images keep moving away from what was already made.
 """
 
 from __future__ import annotations
@@ -51,6 +58,10 @@ class AdversarialGenerator(Synthesizer):
         adv: float = 1.0,
         adv_loss: str = "kl",
         jitter: int = 1,
+        cr: float = 0.0,
+        cr_temperature: float = 0.1,
+        cr_bank: int = 4096,
+        cr_dim: int = 128,
     ):
         super().__init__(teacher, batch_size, seed, device)
         c, h, w = self.input_size
@@ -69,9 +80,75 @@ class AdversarialGenerator(Synthesizer):
         self.adv_loss = adv_loss
         self.jitter = int(jitter)
         self.prior_name = resolve_prior_name(teacher.model, prior) if self.w_bn > 0 else None
+        self.w_cr, self.cr_temperature = float(cr), float(cr_temperature)
+        self.cr_bank_size = int(cr_bank)
+        self.cr_head = None
+        if self.w_cr > 0:
+            self._setup_contrastive(int(cr_dim))
+
+    # -- CMI contrastive term --------------------------------------------------------------
+    def _setup_contrastive(self, dim: int) -> None:
+        linears = [m for m in self.teacher.model.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise DfkdError("the contrastive term (cr > 0) reads the teacher's penultimate features, i.e. the "
+                            "input of its last nn.Linear; this teacher has none")
+        self._feat_layer = linears[-1]
+        feat_dim = self._feat_layer.in_features
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.rng.initial_seed() + 7)
+            self.cr_head = nn.Sequential(nn.Linear(feat_dim, 256), nn.ReLU(), nn.Linear(256, dim)).to(self.device)
+        self.cr_opt = torch.optim.Adam(self.cr_head.parameters(), lr=1e-3)
+        self.cr_bank = torch.empty(0, dim, device=self.device)
+
+    def _crop(self, x: torch.Tensor) -> torch.Tensor:
+        """A random resized crop (25–100 % of the area) and flip per image, from the synthesizer's own RNG."""
+        from torchvision.ops import roi_align
+
+        n, _, h, w = x.shape
+        g = self.cpu_rng
+        area = 0.25 + 0.75 * torch.rand(n, generator=g)
+        side = area.sqrt()
+        cw, ch = side * w, side * h
+        x0 = torch.rand(n, generator=g) * (w - cw)
+        y0 = torch.rand(n, generator=g) * (h - ch)
+        boxes = torch.stack([torch.arange(n, dtype=torch.float32), x0, y0, x0 + cw, y0 + ch], 1).to(x.device)
+        out = roi_align(x, boxes.to(x.dtype), output_size=(h, w), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+        flip = (torch.rand(n, generator=g) < 0.5).to(x.device)
+        return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+    def _features(self, x: torch.Tensor, prior) -> torch.Tensor:
+        box: list[torch.Tensor] = []
+        handle = self._feat_layer.register_forward_pre_hook(lambda m, inp: box.append(inp[0]))
+        try:
+            self.teacher(x)
+        finally:
+            handle.remove()
+        if prior is not None:
+            prior.reset()  # this view's statistics are not part of the prior term
+        return box[0].flatten(1).float()
+
+    def _contrastive(self, f1: torch.Tensor, xa: torch.Tensor, prior) -> torch.Tensor:
+        """InfoNCE between the features ``f1`` of ``xa`` and those of a random resized crop of it."""
+        f2 = self._features(self._crop(xa), prior)
+        z1 = F.normalize(self.cr_head(f1), dim=1)
+        z2 = F.normalize(self.cr_head(f2), dim=1)
+        keys = torch.cat([z2, self.cr_bank.detach()])
+        logits = z1 @ keys.t() / self.cr_temperature
+        loss = F.cross_entropy(logits, torch.arange(len(z1), device=z1.device))
+        with torch.no_grad():
+            self.cr_bank = torch.cat([z2.detach(), self.cr_bank])[: self.cr_bank_size]
+        return loss
+
+    def _head_step(self) -> None:
+        if self.cr_head is not None:
+            self.cr_opt.step()
+            self.cr_opt.zero_grad(set_to_none=True)
+
+    def _head_params(self) -> list:
+        return list(self.cr_head.parameters()) if self.cr_head is not None else []
 
     def modules(self) -> dict[str, nn.Module]:
-        return {"generator": self.generator}
+        return {"generator": self.generator, **({"cr_head": self.cr_head} if self.cr_head is not None else {})}
 
     def _discrepancy(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.adv_loss == "l1":
@@ -86,7 +163,14 @@ class AdversarialGenerator(Synthesizer):
                    use_adv: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The generator's loss on images ``x`` aimed at classes ``y`` (None: the teacher's arg-max)."""
         xa = random_jitter(x, self.jitter, self.cpu_rng)
-        t = self.teacher(xa).float()
+        feats: list[torch.Tensor] = []
+        handle = (self._feat_layer.register_forward_pre_hook(lambda m, inp: feats.append(inp[0]))
+                  if self.w_cr > 0 else None)
+        try:
+            t = self.teacher(xa).float()
+        finally:
+            if handle is not None:
+                handle.remove()
         target = y if y is not None else t.argmax(1)
         loss_ce = F.cross_entropy(t, target)
         loss_prior = prior.loss() if prior is not None else torch.zeros((), device=x.device)
@@ -98,7 +182,12 @@ class AdversarialGenerator(Synthesizer):
         if use_adv:
             loss_adv = -self._discrepancy(student(xa), t)
             loss = loss + self.w_adv * loss_adv
-        return loss, {"syn/ce": loss_ce, "syn/prior": loss_prior, "syn/adv": loss_adv}
+        parts = {"syn/ce": loss_ce, "syn/prior": loss_prior, "syn/adv": loss_adv}
+        if self.w_cr > 0:
+            loss_cr = self._contrastive(feats[0].flatten(1).float(), xa, prior)
+            loss = loss + self.w_cr * loss_cr
+            parts["syn/cr"] = loss_cr
+        return loss, parts
 
     def _batch(self, x: torch.Tensor, y: torch.Tensor | None, parts: dict[str, torch.Tensor]) -> SyntheticBatch:
         x = x.detach()
@@ -121,8 +210,9 @@ class AdversarialGenerator(Synthesizer):
                 y = self.sample_labels(self.batch_size) if self.conditional else None
                 loss, parts = self._objective(self.generator(z, y), y, prior, student, use_adv)
                 self.opt.zero_grad(set_to_none=True)
-                loss.backward(inputs=params)
+                loss.backward(inputs=params + self._head_params())
                 self.opt.step()
+                self._head_step()
         if use_adv:
             student.train(was_training)
         with torch.no_grad():  # same (train) mode as the steps above: BatchNorm uses batch statistics
@@ -133,10 +223,17 @@ class AdversarialGenerator(Synthesizer):
 
     def state_dict(self) -> dict[str, Any]:
         # a snapshot, not views of the live tensors (they keep changing in place)
+        extra = {}
+        if self.cr_head is not None:
+            extra = {"cr_head": self.cr_head.state_dict(), "cr_opt": self.cr_opt.state_dict(), "cr_bank": self.cr_bank}
         return copy.deepcopy({**super().state_dict(), "generator": self.generator.state_dict(),
-                              "opt": self.opt.state_dict()})
+                              "opt": self.opt.state_dict(), **extra})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.generator.load_state_dict(state["generator"])
         self.opt.load_state_dict(state["opt"])
+        if self.cr_head is not None and "cr_head" in state:
+            self.cr_head.load_state_dict(state["cr_head"])
+            self.cr_opt.load_state_dict(state["cr_opt"])
+            self.cr_bank = state["cr_bank"].to(self.device).clone()

@@ -55,10 +55,9 @@ SCHEDULERS = ("ddim", "dpm", "ddpm", "euler", "saved")
 
 def _require_diffusers():
     try:
-        import diffusers  # noqa: F401
+        import diffusers
     except ImportError:
         raise DfkdError("diffusion synthesis needs the 'diffusers' package: pip install 'dfkd[diffusion]'") from None
-    import diffusers
 
     diffusers.utils.logging.set_verbosity_error()  # no hub / accelerate notices for local folders
     return diffusers

@@ -1,4 +1,5 @@
-"""Fast-DFKD-style meta generator (Fang et al., AAAI 2022), with NAYER-style label-embedding input.
+"""Fast-DFKD-style meta generator (Fang et al., AAAI 2022), with NAYER-style label-embedding input
+and, optionally (``cr > 0``), CMI's contrastive diversity term (see generators/adversarial.py).
 
 The generator kept across rounds is a *meta initialisation*. Each round clones it, adapts the clone
 for a few steps (``g_steps``) together with a fresh learnable latent ``z`` on the usual objective
@@ -46,10 +47,15 @@ class FastMetaGenerator(AdversarialGenerator):
         adv_warmup: int = 0,
         jitter: int = 2,
         label_noise: float = 1.0,
+        cr: float = 0.0,
+        cr_temperature: float = 0.1,
+        cr_bank: int = 4096,
+        cr_dim: int = 128,
     ):
         super().__init__(teacher, batch_size, seed, device, nz=nz, ngf=ngf, conditional=conditional,
                          g_steps=g_steps, lr=lr, prior=prior, bn=bn, first_bn_multiplier=first_bn_multiplier,
-                         ce=ce, ie=ie, adv=adv, adv_loss=adv_loss, jitter=jitter)
+                         ce=ce, ie=ie, adv=adv, adv_loss=adv_loss, jitter=jitter, cr=cr,
+                         cr_temperature=cr_temperature, cr_bank=cr_bank, cr_dim=cr_dim)
         self.lr, self.lr_z = float(lr), float(lr_z)
         self.meta_lr = float(meta_lr) if meta_lr is not None else self.lr * max(1, self.g_steps)
         # the meta optimiser replaces the plain generator optimiser of the parent
@@ -76,8 +82,9 @@ class FastMetaGenerator(AdversarialGenerator):
                 x = fast(z, y)
                 loss, parts = self._objective(x, y, prior, student, use_adv)
                 opt.zero_grad(set_to_none=True)
-                loss.backward(inputs=fast_params + [z])
+                loss.backward(inputs=fast_params + [z] + self._head_params())
                 opt.step()
+                self._head_step()
                 # keep the lowest-loss batch on the device: no host sync inside the adaptation loop
                 value = loss.detach()
                 if best_x is None:
@@ -99,7 +106,7 @@ class FastMetaGenerator(AdversarialGenerator):
         return self._batch(best_x, y, parts)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "rounds": self.rounds}
+        return {**super().state_dict(), "rounds": self.rounds}  # includes the CMI head and bank when cr > 0
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)

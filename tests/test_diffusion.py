@@ -13,7 +13,7 @@ diffusers = pytest.importorskip("diffusers")
 from dfkd.errors import DfkdError  # noqa: E402
 from dfkd.teacher import Teacher  # noqa: E402
 from generators import SYNTHESIZERS  # noqa: E402
-from generators.diffusion import DiffusionSynthesizer, guidance_gain, load_diffusion  # noqa: E402
+from generators.diffusion import guidance_gain, load_diffusion  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -168,3 +168,21 @@ def test_batchnorm_method_on_teacher_without_batchnorm(tiny_vit_student):
     # without the prior, inversion still runs on any teacher
     batch = build_synthesizer("deepinversion", t, batch_size=4, bn=0.0, iterations=2).step()
     assert batch.images.shape == (4, 3, 8, 8)
+
+
+@pytest.mark.parametrize("name", ["adversarial", "fast_meta"])
+def test_contrastive_term_trains_its_head_and_round_trips(name, bn_teacher, tiny_vit_student):
+    kw = dict(SMALL[name], cr=1.0, cr_bank=8, cr_dim=16)
+    a = build_synthesizer(name, bn_teacher, batch_size=6, seed=0, **kw)
+    head0 = [p.detach().clone() for p in a.cr_head.parameters()]
+    batch = a.step(tiny_vit_student)
+    assert "syn/cr" in batch.stats and torch.isfinite(torch.tensor(batch.stats["syn/cr"]))
+    assert any(not torch.equal(p0, p) for p0, p in zip(head0, a.cr_head.parameters()))
+    assert 0 < len(a.cr_bank) <= 8  # the bank fills and stays bounded
+    a.step(tiny_vit_student)
+    assert len(a.cr_bank) == 8
+    state = a.state_dict()
+    nxt = a.step(tiny_vit_student).images
+    b = build_synthesizer(name, bn_teacher, batch_size=6, seed=5, **kw)
+    b.load_state_dict(state)
+    assert torch.allclose(b.step(tiny_vit_student).images, nxt, atol=1e-5)

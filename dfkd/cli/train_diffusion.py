@@ -19,7 +19,7 @@ def task(cfg: DictConfig) -> dict:
     from dfkd.pipeline import setup_runtime
 
     try:
-        import diffusers  # noqa: F401
+        import diffusers  # noqa: F401  (a clear error before any work)
     except ImportError:
         raise DfkdError("dfkd-train-diffusion needs the 'diffusers' package: pip install 'dfkd[diffusion]'") from None
     device = setup_runtime(cfg)
