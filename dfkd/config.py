@@ -111,6 +111,8 @@ class DistillConfig:
     mix: Mix = Mix.none
     mix_alpha: float = 1.0
     teacher_logits: TeacherLogits = TeacherLogits.live
+    channels_last: bool = False
+    compile: bool = False
 
 
 @dataclass

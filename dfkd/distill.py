@@ -51,6 +51,8 @@ class DistillSettings:
     mix_alpha: float = 1.0          # the teacher labels the mixed images (mixing ratio ~ Beta(alpha, alpha))
     teacher_logits: str = "live"    # live: query the teacher on each augmented batch | stored: use the
                                     # logits that came with the batch (no augmentation, no teacher needed)
+    channels_last: bool = False     # student, teacher and the student's batches in channels-last memory format
+    compile: bool = False           # torch.compile the student's training forward (the teacher keeps its hooks)
 
 
 class Memory:
@@ -273,6 +275,8 @@ class Distiller:
                 if self.s.mix != "none":
                     xa = self._mix(xa)
             t = None
+        if self.s.channels_last:
+            xa = xa.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             loss, _ = self.loss(self.train_model, self.teacher, xa, t)
         self.optimizer.zero_grad(set_to_none=True)
@@ -341,6 +345,12 @@ class Distiller:
             self.train_model = DistributedDataParallel(self.student, device_ids=ids)
         if self.teacher is not None:
             self.teacher.to(self.device)
+        if self.s.channels_last:
+            self.student.to(memory_format=torch.channels_last)
+            if self.teacher is not None:
+                self.teacher.to(memory_format=torch.channels_last)
+        if self.s.compile and not isinstance(self.train_model, torch._dynamo.eval_frame.OptimizedModule):
+            self.train_model = torch.compile(self.train_model)
         start = time.perf_counter() - self.elapsed
         synth_seconds = 0.0
         synth_images = 0

@@ -40,6 +40,62 @@ def timed(fn, device, warmup: int, iters: int) -> float:
     return (time.perf_counter() - t) / iters
 
 
+def measure_variants(teacher, student, b, device, iters, timed, sync) -> list[dict]:
+    """Teacher limit and DeepInversion in channels-last; the student's KD step eager, channels-last and
+    compiled. Each variant is timed on the same batch after warm-up (compilation excluded)."""
+    import copy
+
+    from dfkd.losses import kd_loss
+    from generators import build_synthesizer
+
+    rows = []
+    x = torch.rand(b, *teacher.input_size, device=device)
+
+    def kd_step_fn(model, opt, channels_last):
+        xin = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+        def step():
+            with torch.no_grad():
+                t = teacher(xin)
+            loss = kd_loss(model(xin), t, 4.0)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return step
+
+    base = None
+    for label, cl, comp in (("eager", False, False), ("channels-last", True, False), ("torch.compile", False, True)):
+        s = copy.deepcopy(student).to(device).train()
+        if cl:
+            s.to(memory_format=torch.channels_last)
+            teacher.to(memory_format=torch.channels_last)
+        model = torch.compile(s) if comp else s
+        opt = torch.optim.AdamW(s.parameters(), lr=1e-4)
+        t_step = timed(kd_step_fn(model, opt, cl), device, 3 if comp else 2, iters)
+        base = base or t_step
+        rows.append({"what": f"student KD step, {label}", "images_per_s": b / t_step,
+                     "fraction_of_limit": None, "speedup_vs_eager": base / t_step})
+        if cl:
+            def bare():
+                xi = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+                teacher(xi).float().logsumexp(1).sum().backward(inputs=[xi])
+            t_lim = timed(bare, device, 3, iters)
+            di = build_synthesizer("deepinversion", teacher, batch_size=b, iterations=iters, device=device,
+                                   jitter=2, flip=True)
+            di.step()
+            sync(device)
+            t0 = time.perf_counter()
+            di.step()
+            sync(device)
+            t_di = (time.perf_counter() - t0) / iters
+            rows.append({"what": "teacher forward+backward, channels-last", "images_per_s": b / t_lim,
+                         "fraction_of_limit": None})
+            rows.append({"what": "DeepInversion iteration, channels-last teacher", "images_per_s": b / t_di,
+                         "fraction_of_limit": t_lim / t_di})
+            teacher.to(memory_format=torch.contiguous_format)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", choices=["digits_cnn", "resnet56"], default="digits_cnn")
@@ -49,6 +105,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("results"))
+    ap.add_argument("--variants", action="store_true",
+                    help="also measure channels-last and torch.compile (distill.channels_last / distill.compile)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -100,6 +158,9 @@ def main() -> None:
         rows.append({"what": f"{name} round ({kw['g_steps']} generator step(s), incl. student)",
                      "images_per_s": b / step_t, "fraction_of_limit": None})
 
+    if args.variants:
+        rows += measure_variants(teacher, student, b, device, args.iters, timed, _sync)
+
     hw = hardware()
     result = {"benchmark": "b3_throughput", "teacher": args.teacher, "batch": b, "device": str(device),
               "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]), "hardware": hw,
@@ -112,10 +173,11 @@ def main() -> None:
              f"- hardware: {hw.get('gpu') or 'CPU'}, {hw['cpu_count']} cores, torch {hw['torch']} "
              f"({hw['cpu_threads']} threads)",
              f"- wall time {result['wall_seconds']:.0f} s", "",
-             "| what | images/s | fraction of limit |", "|---|---|---|"]
+             "| what | images/s | fraction of limit | speed-up vs eager |", "|---|---|---|---|"]
     for r in rows:
         frac = f"{r['fraction_of_limit']:.2f}" if r["fraction_of_limit"] is not None else "—"
-        lines.append(f"| {r['what']} | {r['images_per_s']:.0f} | {frac} |")
+        sp = f"{r['speedup_vs_eager']:.2f}" if r.get("speedup_vs_eager") is not None else "—"
+        lines.append(f"| {r['what']} | {r['images_per_s']:.0f} | {frac} | {sp} |")
     atomic_write_bytes(args.out / f"{name}.md", ("\n".join(lines) + "\n").encode())
     print("\n".join(lines))
 

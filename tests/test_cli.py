@@ -133,3 +133,11 @@ def test_train_teacher_command(tmp_path, env):
     assert r.returncode == 0, r.stderr
     assert out.is_file() and out.with_suffix(".json").is_file()
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["top1"] > 0.5
+
+
+def test_channels_last_run(tmp_path, env):
+    run = tmp_path / "run"
+    r = run_cli("dfkd-distill", *TINY, "student=small_cnn", "distill.channels_last=true", "distill.rounds=2",
+                f"hydra.run.dir={run}", env=env)
+    assert r.returncode == 0, r.stderr
+    assert 0.0 <= json.loads((run / "summary.json").read_text())["student_top1"] <= 1.0
