@@ -6,7 +6,8 @@ them itself. Nothing is ever resized (``min_size = max_size = image_size``) and 
 downloaded (``weights=None`` everywhere).
 
 Feature levels. Every backbone gives three levels whose strides double (small CNN and ViT:
-4/8/16 px; CIFAR ResNets: their ``layer1/2/3`` at 1/2/4 px). What each level is responsible for
+4/8/16 px; CIFAR ResNets: their ``layer1/2/3`` at 1/2/4 px; ``small_cnn_cls``, the
+classification small CNN: 1/2/4 px). What each level is responsible for
 does not depend on the strides: the FCOS point sizes are fixed in pixels, ``(2, 4, 8) · u`` with
 ``u = max(1, round(image_size / 64))``, so the levels take objects whose largest point-to-edge
 distance lies in ``(0, 16u)``, ``(16u, 32u)`` and ``(32u, ∞)`` px, and the centre-sampling
@@ -68,6 +69,38 @@ class SmallCNNBody(nn.Module):
             if i >= 1:
                 outs[str(i - 1)] = x
         return outs
+
+
+class SmallCNNClassifierBody(nn.Module):
+    """The classification ``small_cnn`` (``dfkd.models.cnn.SmallCNN``) as a pyramid, so its checkpoints load.
+
+    Its ``features`` give stride 1 (after the first two blocks, ``width`` channels) and stride 2
+    (after the pool and two more, ``2·width``); one new stride-2 conv-BN stage adds stride 4. The
+    network sits in ``self.net`` without its pool and classifier, so a classification checkpoint
+    (``features.*``, ``head.*``) loads into ``net`` with ``head`` ignored. (The detector's own
+    ``small_cnn`` is a different, deeper layout.)
+    """
+
+    strides = (1, 2, 4)
+
+    def __init__(self, in_chans: int = 3, width: int = 32):
+        super().__init__()
+        from dfkd.models.cnn import SmallCNN
+
+        w = int(width)
+        self.net = SmallCNN(num_classes=1, in_chans=in_chans, width=w)
+        del self.net.head, self.net.pool
+        self.extra = nn.Sequential(_conv_bn(2 * w, 2 * w, 2), _conv_bn(2 * w, 2 * w))
+        self.out_channels_list = [w, 2 * w, 2 * w]
+
+    def classification_module(self) -> nn.Module:
+        return self.net
+
+    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        f = self.net.features
+        c1 = f[1](f[0](x))
+        c2 = f[4](f[3](f[2](c1)))
+        return OrderedDict([("0", c1), ("1", c2), ("2", self.extra(c2))])
 
 
 class ResNetCifarBody(nn.Module):
@@ -181,6 +214,8 @@ class PyramidBackbone(nn.Module):
 #: backbone name -> builder(image_size, in_chans, width, fpn_channels, **kw) -> body
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": lambda image_size, in_chans, width, fpn_channels, **kw: SmallCNNBody(in_chans, width, **kw),
+    "small_cnn_cls": lambda image_size, in_chans, width, fpn_channels, **kw: SmallCNNClassifierBody(in_chans, width,
+                                                                                                  **kw),
     **{
         f"resnet{d}_cifar": (lambda d: lambda image_size, in_chans, width, fpn_channels, **kw:
                              ResNetCifarBody(d, in_chans, **kw))(d)
