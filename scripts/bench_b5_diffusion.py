@@ -34,9 +34,9 @@ def main() -> None:
     ap.add_argument("--source-images", type=int, default=2048, help="DeepInversion images the diffusion model learns from")
     ap.add_argument("--train-steps", type=int, default=2000, help="diffusion training steps")
     ap.add_argument("--widths", default="16,32", help="UNet channels per level")
-    ap.add_argument("--sample-steps", type=int, default=4)
+    ap.add_argument("--sample-steps", type=int, default=3)
     ap.add_argument("--scheduler", default="dpm")
-    ap.add_argument("--guidance", type=float, default=0.3)
+    ap.add_argument("--guidance", type=float, default=0.05)
     ap.add_argument("--sample-batch", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -144,14 +144,24 @@ def main() -> None:
                 "diffusion_train_steps": dm["steps_done"], "diffusion_train_seconds": dm["wall_seconds"],
                 "diffusion_final_loss": dm["final_loss"]}
     command = " ".join(shlex.quote(a) for a in ["python", *sys.argv])
-    result = redact_paths({
+    def scrub(obj):  # the work folder is this machine's: name it by its option instead
+        if isinstance(obj, str):
+            return obj.replace(str(work), "$WORK")
+        if isinstance(obj, dict):
+            return {k: scrub(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [scrub(v) for v in obj]
+        return obj
+
+    result = scrub(redact_paths({
         "benchmark": args.name, "command": command, "hardware": hardware(), "seed": args.seed,
         "wall_seconds": time.perf_counter() - started, "teacher_top1": teacher_top1,
         "synth_seconds_each": args.synth_seconds, "kd": f"{rounds} rounds x {cfg0.distill.kd_steps} KD steps",
         "sampling": {"steps": args.sample_steps, "scheduler": args.scheduler, "guidance": args.guidance,
                      "batch": args.sample_batch, "unet_widths": args.widths},
         "one_time_cost": one_time, "verdict": verdict, "rows": rows,
-    })
+    }))
+    command = result["command"]
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / f"{args.name}.json", result)
     hw = result["hardware"]
