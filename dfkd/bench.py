@@ -179,8 +179,10 @@ def time_to_accuracy(rows: list[dict[str, Any]]) -> dict[str, list[list[float]]]
     return curves
 
 
-def plot_curves(curves: dict[str, list[list[float]]], path: Path, title: str, teacher_top1: float | None) -> bool:
-    """Write a PNG of top-1 against wall time; False when matplotlib is not installed."""
+def plot_curves(curves: dict[str, list[list[float]]], path: Path, title: str, teacher_top1: float | None,
+                ylabel: str = "student top-1 (real test set)") -> bool:
+    """Write a PNG of a score ([wall s, score] points per curve) against wall time; False when
+    matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -195,7 +197,7 @@ def plot_curves(curves: dict[str, list[list[float]]], path: Path, title: str, te
     if teacher_top1 is not None:
         ax.axhline(teacher_top1, color="k", ls="--", lw=1, label="teacher")
     ax.set_xlabel("wall time (s)")
-    ax.set_ylabel("student top-1 (real test set)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
