@@ -1,9 +1,12 @@
 #!/usr/bin/env python
 """B2: ViT teacher without BatchNorm -> smaller ViT student, side by side, same budget per row.
 
-Rows: noise KD (floor), data-free DeepInversion with the ViT priors (``prior=vit``: patch-similarity
-entropy + token statistics), real-data KD (ceiling), and an ablation of priors (entropy only, no prior)
-and student losses (manifold, DeiT distillation token, feature KD). Writes results/b2_vit_<task>.{json,md}.
+Rows: noise KD (floor), data-free DeepInversion with the ViT priors (``prior=vit``: token statistics +
+patch-similarity entropy matched to the teacher's on real images), real-data KD (ceiling), and an
+ablation of priors (token statistics only, PSAQ-ViT entropy only, no prior) and student losses
+(manifold, DeiT distillation token, feature KD). Every data-free row uses the same DeepInversion
+settings (digits: configs/synthesizer/deepinversion_vit_digits.yaml) and only swaps the prior or loss.
+Writes results/b2_vit_<task>.{json,md}. Extra Hydra overrides on the command line apply to every row.
 
     python scripts/bench_b2_vit.py                                   # CPU, built-in digits
     python scripts/bench_b2_vit.py --budget-minutes 1 --rows noise vit real
@@ -21,21 +24,21 @@ import tempfile
 import time
 from pathlib import Path
 
-# label -> (kind, overrides). The synthesizer and loss come from the overrides.
-DF = ["synthesizer=deepinversion", "synthesizer.iterations={iters}", "synthesizer.lr=0.2"]
+# label -> (kind, overrides). The synthesizer and loss come from the overrides; {df} is the data-free
+# synthesizer of the mode (digits: configs/synthesizer/deepinversion_vit_digits.yaml, whose prior is vit).
 ROWS = {
     "noise": ("floor (not data-free)", ["synthesizer=noise"]),
-    "vit": ("data-free", [*DF, "synthesizer.prior=vit"]),
+    "vit": ("data-free", ["{df}", "synthesizer.prior=vit"]),
     "real": ("ceiling (uses real train images)", ["synthesizer=real"]),
-    # ablation: priors
-    "entropy_only": ("ablation: prior", [*DF, "synthesizer.prior=vit_patch_entropy"]),
-    "no_prior": ("ablation: prior", [*DF, "synthesizer.bn=0"]),
+    # ablation: priors (same synthesizer settings, another prior)
+    "stats_only": ("ablation: prior", ["{df}", "synthesizer.prior=vit_token_stats"]),
+    "entropy_only": ("ablation: prior", ["{df}", "synthesizer.prior=vit_patch_entropy"]),
+    "no_prior": ("ablation: prior", ["{df}", "synthesizer.bn=0"]),
     # ablation: student losses (with prior=vit)
-    "vit+manifold": ("ablation: loss", [*DF, "synthesizer.prior=vit", "loss=manifold"]),
-    "vit+deit": ("ablation: loss", [*DF, "synthesizer.prior=vit", "loss=deit", "student={deit}"]),
-    "vit+feature": ("ablation: loss", [*DF, "synthesizer.prior=vit", "loss=feature"]),
+    "vit+manifold": ("ablation: loss", ["{df}", "synthesizer.prior=vit", "loss=manifold"]),
+    "vit+deit": ("ablation: loss", ["{df}", "synthesizer.prior=vit", "loss=deit", "student={deit}"]),
+    "vit+feature": ("ablation: loss", ["{df}", "synthesizer.prior=vit", "loss=feature"]),
 }
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,17 +64,19 @@ def main() -> None:
         if not args.teacher_checkpoint:
             raise SystemExit("error: --cifar10 needs --teacher-checkpoint (train one with scripts/train_vit_teacher.py)")
         name, title, deit = "b2_vit_cifar10", "B2 — ViT teacher (no BatchNorm) → smaller ViT, CIFAR-10", "deit_cifar"
-        budget, iters = args.budget_minutes or 10.0, 200
+        budget = args.budget_minutes or 10.0
+        df = ["synthesizer=deepinversion", "synthesizer.iterations=200", "synthesizer.lr=0.2"]
         common = ["experiment=b2_vit_cifar10", f"teacher.checkpoint={args.teacher_checkpoint}"]
         if args.data_root:
             common.append(f"data.root={args.data_root}")
     else:
         name, title, deit = "b2_vit_digits", "B2 — ViT teacher (no BatchNorm) → smaller ViT, digits, CPU", "deit_digits"
-        budget, iters = args.budget_minutes or 1.5, 50
+        budget = args.budget_minutes or 1.5
+        df = ["synthesizer=deepinversion_vit_digits"]
         common = ["experiment=b2_vit_digits", "device=cpu"]
-    common += [f"threads={args.threads}", f"distill.budget_minutes={budget}", "distill.rounds=100000",
-               "distill.eval_every=0", "distill.checkpoint_every=0", *args.overrides]
-    t = prepare_teacher("distill", common)
+    base = [*common, f"threads={args.threads}", f"distill.budget_minutes={budget}", "distill.rounds=100000",
+            "distill.eval_every=0", "distill.checkpoint_every=0"]
+    t = prepare_teacher("distill", [*base, *args.overrides])
     teacher_top1, teacher_seconds = t["teacher_top1"], t["teacher_seconds"]
     if not args.cifar10 and teacher_top1 < 0.9:
         print("warning: the digits ViT teacher is below 90 % top-1", flush=True)
@@ -80,9 +85,10 @@ def main() -> None:
     out_dir = args.out / name
     for label in args.rows:
         kind, extra = ROWS[label]
-        extra = [o.replace("{deit}", deit).replace("{iters}", str(iters)) for o in extra]
+        extra = [x for o in extra for x in (df if o == "{df}" else [o.replace("{deit}", deit)])]
         for seed in args.seeds:
-            overrides = [*common, f"seed={seed}", "progress=false", "resume=false", *extra]
+            # the command line's overrides come last: they apply to every row and win
+            overrides = [*base, f"seed={seed}", "progress=false", "resume=false", *extra, *args.overrides]
             try:
                 run_cfg = compose("distill", overrides)
                 s = run_distill(run_cfg, out_dir / "runs" / f"{label.replace('+', '_')}_seed{seed}")
@@ -105,8 +111,9 @@ def main() -> None:
         "teacher_train_seconds": round(teacher_seconds, 1),
         "data_free_over_ceiling": round(by["vit"] / by["real"], 4) if "vit" in by and by.get("real") else None,
         "data_free_minus_floor": round(by["vit"] - by["noise"], 4) if "vit" in by and "noise" in by else None,
-        "note": "token statistics are recorded from the teacher on its train split when it is trained, as "
-                "BatchNorm running statistics are; entropy_only uses no such statistics",
+        "note": "token statistics (and the patch-similarity entropy of real images) are recorded from the "
+                "teacher on its train split when it is trained, as BatchNorm running statistics are; "
+                "entropy_only (PSAQ-ViT, entropy maximised) uses no such statistics",
     }
     _, m = write_results(name, title, args.out, rows, teacher_top1, extra_info, started)
     print(Path(m).read_text())

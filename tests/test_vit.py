@@ -108,6 +108,74 @@ def test_deepinversion_with_vit_teacher(vit_teacher):
     assert _hooks(vit_teacher) == 0
 
 
+def _direct_kde_entropy(tokens, grid=64):
+    """The patch-similarity entropy with a Gaussian evaluated per (grid point, pair): the reference
+    the binned estimator approximates."""
+    n = tokens.shape[1]
+    z = F.normalize(tokens.float(), dim=-1)
+    iu = torch.triu_indices(n, n, offset=1)
+    s = (z @ z.transpose(1, 2))[:, iu[0], iu[1]]
+    h = (1.06 * s.detach().std(dim=1, keepdim=True) * s.shape[1] ** -0.2).clamp_min(0.01)
+    g = torch.linspace(-1.0, 1.0, grid)
+    dens = torch.exp(-0.5 * ((g[None, :, None] - s[:, None, :]) / h[:, :, None]) ** 2).mean(-1)
+    p = dens / dens.sum(dim=1, keepdim=True)
+    return -(p * torch.log(p.clamp_min(1e-12))).sum(dim=1)
+
+
+def test_binned_similarity_entropy_matches_direct_kde():
+    torch.manual_seed(0)
+    for tokens in (torch.randn(4, 16, 24), torch.randn(4, 1, 24) + 0.7 * torch.randn(4, 16, 24),
+                   torch.randn(2, 64, 16)):
+        a = tokens.clone().requires_grad_(True)
+        b = tokens.clone().requires_grad_(True)
+        fast, direct = similarity_entropy(a), _direct_kde_entropy(b)
+        assert torch.allclose(fast, direct, rtol=0.05)
+        (ga,) = torch.autograd.grad(fast.sum(), a)
+        (gb,) = torch.autograd.grad(direct.sum(), b)
+        assert F.cosine_similarity(ga.flatten(), gb.flatten(), dim=0) > 0.95
+
+
+def test_recorded_statistics_sites_and_entropy(vit_teacher):
+    from dfkd.priors_vit import PatchEntropyPrior, TokenStatsPrior, ViTPrior, has_entropy_reference
+
+    st = record_token_statistics(vit_teacher, torch.rand(32, 3, 8, 8))
+    for i in range(2):
+        assert st[f"block{i}.pos_var"].shape == (16, 24) and st[f"block{i}.mid_mean"].shape == (16, 24)
+        assert st[f"block{i}.entropy_gap"].shape == (1,) and st[f"block{i}.entropy_gap"].item() > 0
+    assert st["block1.out_var"].shape == (24,) and "block0.out_mean" not in st  # last block only
+    # files recorded before these keys existed still attach: only the block inputs' mean/var are required
+    old = {k: v for k, v in st.items() if k.split(".")[1] in ("mean", "var")}
+    attach_token_statistics(vit_teacher.model, old)
+    assert not has_entropy_reference(vit_teacher.model)
+    assert ViTPrior(vit_teacher.model).parts[0][1].target == "max"
+    with pytest.raises(DfkdError, match="recorded"):
+        TokenStatsPrior(vit_teacher.model, sites=["in", "mid"])
+    attach_token_statistics(vit_teacher.model, st)
+    assert has_entropy_reference(vit_teacher.model)
+    assert ViTPrior(vit_teacher.model).parts[0][1].target == "recorded"
+    x = torch.rand(6, 3, 8, 8, requires_grad=True)
+    for prior in (PatchEntropyPrior(vit_teacher.model, target="recorded"),
+                  TokenStatsPrior(vit_teacher.model, sites="auto", position_var=True),
+                  ViTPrior(vit_teacher.model, token_kwargs={"sites": ["in", "out"]})):
+        with prior:
+            vit_teacher(x)
+            n_terms = len(prior.terms)
+            loss = prior.loss()
+        assert _hooks(vit_teacher) == 0
+        (g,) = torch.autograd.grad(loss, x)
+        assert torch.isfinite(loss) and torch.isfinite(g).all() and g.abs().sum() > 0
+        if isinstance(prior, TokenStatsPrior):
+            assert n_terms == 2 + 2 + 1  # in and mid for each block, out for the last
+    # on the very images the statistics were recorded from, the recorded-entropy term is near zero
+    ref = torch.rand(64, 3, 8, 8)
+    attach_token_statistics(vit_teacher.model, record_token_statistics(vit_teacher, ref))
+    with PatchEntropyPrior(vit_teacher.model, target="recorded") as prior:
+        vit_teacher(ref)
+        assert prior.loss().item() < 0.05
+    with pytest.raises(DfkdError, match="site"):
+        TokenStatsPrior(vit_teacher.model, sites=["nowhere"])
+
+
 # -- manifold distillation -------------------------------------------------------------------
 def _relations_by_hand(fs, ft, idx):
     """Loops over images / positions with explicit cosine similarities."""
