@@ -1,0 +1,437 @@
+#!/usr/bin/env python
+"""B4: detection, side by side — box-conditioned inversion against its floor and ceiling.
+
+One run, same student and same wall-clock budget for every method:
+
+1. Canvases: real object images pasted on real backgrounds (``build_canvas_benchmark``,
+   deterministic), train canvases from the train split, test canvases from the test split only.
+   ``--source digits`` (built in, default) or ``--source cifar10`` (``--root`` or ``$DFKD_DATA``).
+2. The teacher: an FCOS detector on a small BatchNorm CNN, trained here on the train canvases and
+   cached in the work folder (keyed by its settings), scored on the test canvases.
+3. A smaller student (fewer channels in backbone, pyramid and heads) distilled from
+   ``box_noise`` (Gaussian images: the floor), ``box_inversion`` (DIODE-style, data-free) and
+   ``real`` (the train canvases, ground truth ignored, teacher pseudo-labels: the ceiling),
+   each under the same wall-clock budget, with mAP on a test subset along the way and on the
+   full test set at the end.
+
+COCO mAP@[.5:.95] and mAP@.5 by pycocotools. Target: data-free mAP@.5 ≥ 80 % of the ceiling's.
+Writes ``results/b4_detection_<source>.{json,md}`` (+ a time-to-mAP png when matplotlib is there).
+
+    python scripts/bench_b4_detection.py --threads 2                 # digits, CPU (~15 min)
+    python scripts/bench_b4_detection.py --budget-minutes 1 --methods box_inversion real
+    DFKD_DATA=PATH python scripts/bench_b4_detection.py --source cifar10 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+METHODS = ["box_noise", "box_inversion", "real"]
+KIND = {"box_noise": "floor (not data-free)", "box_inversion": "data-free",
+        "real": "ceiling (uses real train canvases)"}
+TARGET = 0.8
+
+# CPU-sized defaults per source (command-line flags override them)
+SOURCE_DEFAULTS = {
+    # digits canvases are grayscale (detectors take one channel) and digits are not mirror-symmetric
+    "digits": {"canvas_size": 32, "object_pixels": (10, 20), "objects": (1, 3), "train_canvases": 2000,
+               "test_canvases": 500, "channels": 1, "flip": False, "mean": (0.4,), "std": (0.3,)},
+    "cifar10": {"canvas_size": 64, "object_pixels": (16, 38), "objects": (1, 3), "train_canvases": 5000,
+                "test_canvases": 1000, "channels": 3, "flip": True, "mean": (0.485, 0.456, 0.406),
+                "std": (0.229, 0.224, 0.225)},
+}
+
+
+def _key(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = ap.add_argument
+    a("--source", choices=sorted(SOURCE_DEFAULTS), default="digits")
+    a("--root", default=None, help="CIFAR-10 folder (default $DFKD_DATA)")
+    a("--methods", nargs="+", choices=METHODS, default=METHODS)
+    a("--seeds", "--seed", nargs="+", type=int, default=[0], help="student seeds (the canvases and teacher use the first)")
+    a("--threads", type=int, default=2)
+    a("--device", default="cpu")
+    a("--work", type=Path, default=None,
+      help="folder for canvases and the cached teacher (default: a fixed folder in the temp dir, reused)")
+    a("--out", type=Path, default=Path("results"))
+    a("--name", default=None, help="results name (default b4_detection_<source>)")
+    g = ap.add_argument_group("canvases")
+    g.add_argument("--canvas-size", type=int, default=None)
+    g.add_argument("--object-pixels", nargs=2, type=int, default=None, metavar=("MIN", "MAX"))
+    g.add_argument("--objects", nargs=2, type=int, default=None, metavar=("MIN", "MAX"))
+    g.add_argument("--train-canvases", type=int, default=None)
+    g.add_argument("--test-canvases", type=int, default=None)
+    g.add_argument("--background", default="image", choices=["image", "raw", "gray"])
+    g.add_argument("--channels", type=int, choices=[1, 3], default=None,
+                   help="image channels the detectors take (default: 1 for digits, whose canvases are gray, 3 else)")
+    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="horizontal flips in every augmentation (default: off for digits, on for cifar10)")
+    g = ap.add_argument_group("teacher (FCOS, small BatchNorm CNN)")
+    g.add_argument("--teacher-width", type=int, default=16)
+    g.add_argument("--teacher-fpn", type=int, default=32)
+    g.add_argument("--teacher-head-convs", type=int, default=2)
+    g.add_argument("--teacher-steps", type=int, default=3000)
+    g.add_argument("--teacher-lr", type=float, default=3e-3)
+    g.add_argument("--teacher-batch", type=int, default=32)
+    g = ap.add_argument_group("student (same for every method)")
+    g.add_argument("--student-backbone", default="small_cnn")
+    g.add_argument("--student-width", type=int, default=16)
+    g.add_argument("--student-fpn", type=int, default=16)
+    g.add_argument("--student-head-convs", type=int, default=1)
+    g = ap.add_argument_group("distillation (same for every method)")
+    g.add_argument("--budget-minutes", type=float, default=3.0, help="wall-clock budget per student method")
+    g.add_argument("--kd-batch", type=int, default=32)
+    g.add_argument("--kd-lr", type=float, default=3e-3)
+    g.add_argument("--kd-steps-per-round", type=int, default=4,
+                   help="student steps per source round for box_noise and real (cheap sources)")
+    g.add_argument("--memory-size", type=int, default=4096)
+    g.add_argument("--score-thresh", type=float, default=0.45, help="teacher score for a pseudo-label box")
+    g.add_argument("--head-matching", action=argparse.BooleanOptionalAction, default=False,
+                   help="also match the teacher's head outputs (same pyramid geometry)")
+    g.add_argument("--head-weight", type=float, default=1.0)
+    g.add_argument("--source-batch", type=int, default=32, help="images per round for box_noise and real")
+    g = ap.add_argument_group("box inversion")
+    g.add_argument("--inv-batch", type=int, default=32)
+    g.add_argument("--inv-iterations", type=int, default=50)
+    g.add_argument("--inv-kd-steps-per-round", type=int, default=40,
+                   help="student steps on the memory per synthesized batch (box_inversion)")
+    g.add_argument("--inv-lr", type=float, default=0.05)
+    g.add_argument("--inv-det", type=float, default=1.0)
+    g.add_argument("--inv-bn", type=float, default=0.05)
+    g.add_argument("--inv-first-bn", type=float, default=10.0)
+    g.add_argument("--inv-tv", type=float, default=10.0)
+    g.add_argument("--inv-l2", type=float, default=1e-5)
+    g.add_argument("--boxes-per-image", type=int, default=2)
+    g.add_argument("--box-size", nargs=2, type=float, default=None, metavar=("MIN", "MAX"),
+                   help="sampled box sides as fractions of the canvas (default: the canvases' object range)")
+    g.add_argument("--add-teacher-detections", type=float, default=0.5,
+                   help="score above which the teacher's extra detections join the targets (<0: off)")
+    g.add_argument("--inv-jitter", type=float, default=0.05)
+    g.add_argument("--inv-scale", type=float, default=0.0)
+    g.add_argument("--init-std", type=float, default=0.2)
+    g = ap.add_argument_group("evaluation")
+    g.add_argument("--eval-score-thresh", type=float, default=0.05, help="detector score cut-off when scoring mAP")
+    g.add_argument("--eval-images", type=int, default=200, help="test canvases scored along the way")
+    g.add_argument("--eval-every-seconds", type=float, default=30.0)
+    return ap.parse_args(argv)
+
+
+def _scrub_work(obj, work):
+    """Name this machine's work folder by its option in results files."""
+    if isinstance(obj, str):
+        return obj.replace(str(work), "$WORK")
+    if isinstance(obj, dict):
+        return {k: _scrub_work(v, work) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_scrub_work(v, work) for v in obj]
+    return obj
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from dfkd.bench import redact_paths
+    from dfkd.data.detection import build_canvas_benchmark, load_detection
+    from dfkd.detection.boxes import BoxAugment
+    from dfkd.detection.models import DetectionTeacher, build_detector, load_detector, save_detector
+    from dfkd.detection.train import RealImageSource, distill_detector, train_detector
+    from dfkd.eval.detection import evaluate_detector
+    from dfkd.models.checkpoint import atomic_write_bytes, atomic_write_json
+    from dfkd.pipeline import hardware
+    from generators.box_inversion import BoxInversion, BoxNoise
+
+    started = time.perf_counter()
+    device = torch.device(args.device)
+    d = SOURCE_DEFAULTS[args.source]
+    size = int(args.canvas_size or d["canvas_size"])
+    obj_px = tuple(args.object_pixels or d["object_pixels"])
+    objects = tuple(args.objects or d["objects"])
+    canvas_cfg = {"source": args.source, "canvas_size": size, "object_pixels": list(obj_px),
+                  "objects": list(objects), "train": int(args.train_canvases or d["train_canvases"]),
+                  "test": int(args.test_canvases or d["test_canvases"]), "background": args.background,
+                  "seed": args.seeds[0]}
+    work = args.work or Path(tempfile.gettempdir()) / "dfkd_b4_work"
+    work.mkdir(parents=True, exist_ok=True)
+    name = args.name or f"b4_detection_{args.source}"
+
+    # 1. canvases
+    t0 = time.perf_counter()
+    paths = build_canvas_benchmark(args.source, work / f"canvases_{_key(canvas_cfg)}", root=args.root,
+                                   train_canvases=canvas_cfg["train"], test_canvases=canvas_cfg["test"],
+                                   canvas_size=size, seed=canvas_cfg["seed"], object_pixels=obj_px,
+                                   objects=objects, background=args.background)
+    train_ds, test_ds = load_detection(paths["train"], cache=True), load_detection(paths["test"], cache=True)
+    channels = int(args.channels or d["channels"])
+    flip = d["flip"] if args.flip is None else bool(args.flip)
+    mean, std = (d["mean"], d["std"]) if channels == len(d["mean"]) else ((0.45,) * channels, (0.25,) * channels)
+    if channels == 1:  # gray canvases: keep one of the (equal) RGB channels
+        for ds in (train_ds, test_ds):
+            ds.transform = lambda image, target: (image.mean(0, keepdim=True), target)
+    canvas_seconds = time.perf_counter() - t0
+    num_classes = train_ds.num_classes
+    print(f"canvases: {len(train_ds)} train ({train_ds.num_boxes} boxes), {len(test_ds)} test "
+          f"({test_ds.num_boxes} boxes), {size} px, {canvas_seconds:.1f} s", flush=True)
+
+    # 2. teacher (cached by its settings)
+    teacher_cfg = {"canvases": canvas_cfg, "arch": "fcos", "backbone": "small_cnn", "width": args.teacher_width,
+                   "fpn_channels": args.teacher_fpn, "head_convs": args.teacher_head_convs,
+                   "steps": args.teacher_steps, "lr": args.teacher_lr, "batch": args.teacher_batch,
+                   "channels": channels, "mean": list(mean), "std": list(std), "flip": flip,
+                   "augment": {"jitter": 0.1, "scale": 0.1}, "format": 2}
+    tpath = work / f"teacher_{_key(teacher_cfg)}.safetensors"
+    teacher_seconds, cached = 0.0, tpath.is_file()
+    if cached:
+        model = load_detector(tpath)
+    else:
+        torch.manual_seed(args.seeds[0])
+        model = build_detector("fcos", "small_cnn", num_classes=num_classes, image_size=size, in_chans=channels,
+                               mean=mean, std=std,
+                               width=args.teacher_width, fpn_channels=args.teacher_fpn,
+                               head_convs=args.teacher_head_convs)
+        t0 = time.perf_counter()
+        train_detector(model, train_ds, steps=args.teacher_steps, lr=args.teacher_lr,
+                       batch_size=args.teacher_batch, device=device, seed=args.seeds[0], progress=False,
+                       augment=BoxAugment(flip=flip, jitter=0.1, scale=0.1))
+        teacher_seconds = time.perf_counter() - t0
+        save_detector(model, tpath)
+        tpath.with_name(tpath.stem + ".settings.json").write_text(json.dumps(teacher_cfg, indent=1))
+    model.to(device).eval()
+    teacher = DetectionTeacher(model)
+
+    def score(detector, max_images=None) -> dict:
+        old = detector.score_thresh
+        detector.score_thresh = min(old, args.eval_score_thresh)
+        try:
+            return evaluate_detector(detector, test_ds, batch_size=64, device=device, max_images=max_images)
+        finally:
+            detector.score_thresh = old
+
+    t0 = time.perf_counter()
+    teacher_map = score(model)
+    teacher_eval_seconds = time.perf_counter() - t0
+    teacher_params = sum(p.numel() for p in model.parameters())
+    print(f"teacher: mAP {teacher_map['map']:.4f}, mAP@.5 {teacher_map['map50']:.4f} "
+          f"({teacher_params} params, {'cached' if cached else f'trained in {teacher_seconds:.0f} s'}, "
+          f"eval {teacher_eval_seconds:.1f} s)", flush=True)
+
+    # 3. students
+    box_size = tuple(args.box_size) if args.box_size else (obj_px[0] / size, obj_px[1] / size)
+    inv_kwargs = dict(batch_size=args.inv_batch, iterations=args.inv_iterations, lr=args.inv_lr, det=args.inv_det,
+                      bn=args.inv_bn, first_bn_multiplier=args.inv_first_bn, tv=args.inv_tv, l2=args.inv_l2,
+                      boxes_per_image=args.boxes_per_image, size=box_size,
+                      add_teacher_detections=(args.add_teacher_detections if args.add_teacher_detections >= 0
+                                              else None),
+                      flip=flip, jitter=args.inv_jitter, scale=args.inv_scale, init_std=args.init_std)
+    student_kwargs = dict(width=args.student_width, fpn_channels=args.student_fpn,
+                          head_convs=args.student_head_convs)
+    distill_kwargs = dict(batch_size=args.kd_batch, lr=args.kd_lr, score_thresh=args.score_thresh,
+                          head_matching=args.head_matching, head_weight=args.head_weight,
+                          memory_size=args.memory_size)
+
+    def make_source(method: str, seed: int):
+        if method == "box_noise":
+            return BoxNoise(teacher, batch_size=args.source_batch, seed=seed, device=device,
+                            score_thresh=args.score_thresh)
+        if method == "box_inversion":
+            return BoxInversion(teacher, seed=seed, device=device, **inv_kwargs)
+        return RealImageSource(train_ds, batch_size=args.source_batch, seed=seed, image_size=size, device=device)
+
+    budget = 60.0 * args.budget_minutes
+    runs = []
+    student_params = None
+    for method in args.methods:
+        for seed in args.seeds:
+            torch.manual_seed(seed)
+            student = build_detector("fcos", args.student_backbone, num_classes=num_classes, image_size=size,
+                                     in_chans=channels, mean=mean, std=std,
+                                     **student_kwargs)
+            student_params = sum(p.numel() for p in student.parameters())
+            source = make_source(method, seed)
+            last = {"t": -float("inf")}
+
+            def eval_fn(s, last=last):
+                # time-gated, so every method spends about the same share of its budget on evaluation
+                now = time.perf_counter()
+                if now - last["t"] < args.eval_every_seconds:
+                    return {}
+                last["t"] = now
+                r = score(s, args.eval_images)
+                return {"map": r["map"], "map50": r["map50"], "eval_seconds": round(time.perf_counter() - now, 3)}
+
+            out = distill_detector(teacher, student, source, steps=10 ** 9, budget_seconds=budget, device=device,
+                                   seed=seed, progress=False, eval_fn=eval_fn, eval_every=5,
+                                   kd_steps_per_round=(args.inv_kd_steps_per_round if method == "box_inversion"
+                                                       else args.kd_steps_per_round),
+                                   augment=BoxAugment(flip=flip, jitter=0.1, scale=0.1), **distill_kwargs)
+            t0 = time.perf_counter()
+            final = score(student)
+            final_eval_seconds = time.perf_counter() - t0
+            curve = [e for e in out["evals"] if "map" in e]
+            syn_keys = sorted({k for h in out["history"] for k in h if k.startswith(("syn/", "kd/"))})
+            tail = out["history"][-max(1, len(out["history"]) // 4):]
+            run = {
+                "method": method, "kind": KIND[method], "seed": seed,
+                "map": final["map"], "map50": final["map50"], "map75": final["map75"],
+                "per_class_ap": final["per_class"], "num_detections": final["num_detections"],
+                "distill_seconds": out["wall"], "steps": out["steps"], "rounds": out["rounds"],
+                "images_synthesized": out["images_synthesized"], "synth_seconds": out["synth_seconds"],
+                "synth_images_per_second": (out["images_synthesized"] / out["synth_seconds"]
+                                            if out["synth_seconds"] > 0 else None),
+                "eval_seconds_in_budget": round(sum(e.get("eval_seconds", 0.0) for e in curve), 3),
+                "final_eval_seconds": round(final_eval_seconds, 3),
+                "head_matching": out["head_matching"],
+                "time_to_map": [[e["wall"], e["step"], e["map"], e["map50"]] for e in curve]
+                + [[out["wall"], out["steps"], final["map"], final["map50"]]],
+                "last_quarter_means": {k: statistics.mean(h[k] for h in tail if k in h) for k in syn_keys
+                                       if any(k in h for h in tail)},
+            }
+            runs.append(run)
+            print(f"{method:>14} seed {seed}: mAP {final['map']:.4f} mAP@.5 {final['map50']:.4f} "
+                  f"({out['steps']} steps, {out['images_synthesized']} images, {out['wall']:.0f} s)", flush=True)
+
+    # 4. table
+    rows = []
+    for method in dict.fromkeys(r["method"] for r in runs):
+        rs = [r for r in runs if r["method"] == method]
+
+        def mean(k, rs=rs):
+            vals = [r[k] for r in rs if r[k] is not None]
+            return statistics.mean(vals) if vals else None
+
+        rows.append({"method": method, "kind": KIND[method], "map": mean("map"), "map50": mean("map50"),
+                     "map50_std": statistics.pstdev([r["map50"] for r in rs]) if len(rs) > 1 else None,
+                     "map50_per_seed": [r["map50"] for r in rs], "distill_seconds": mean("distill_seconds"),
+                     "images_synthesized": mean("images_synthesized"),
+                     "synth_images_per_second": mean("synth_images_per_second"), "steps": mean("steps"),
+                     "per_class_ap": {c: statistics.mean(r["per_class_ap"][c] for r in rs)
+                                      for c in rs[0]["per_class_ap"]}})
+    ceiling = next((r["map50"] for r in rows if r["method"] == "real"), None)
+    for r in rows:
+        r["ratio_to_ceiling_map50"] = r["map50"] / ceiling if ceiling else None
+    df = next((r for r in rows if r["method"] == "box_inversion"), None)
+    met = None if df is None or df["ratio_to_ceiling_map50"] is None else df["ratio_to_ceiling_map50"] >= TARGET
+
+    wall = time.perf_counter() - started
+    cmd = " ".join(shlex.quote(a) for a in ["python", *(sys.argv if argv is None else [sys.argv[0], *argv])])
+    result = redact_paths({
+        "benchmark": name, "command": cmd, "hardware": hardware(), "wall_seconds": round(wall, 1),
+        "seeds": list(args.seeds), "settings": {k: (str(v) if isinstance(v, Path) else v)
+                                                for k, v in vars(args).items() if k not in ("work", "out")},
+        "canvases": {**canvas_cfg, "train_boxes": train_ds.num_boxes, "test_boxes": test_ds.num_boxes,
+                     "build_seconds": round(canvas_seconds, 1)},
+        "teacher": {"map": teacher_map["map"], "map50": teacher_map["map50"], "map75": teacher_map["map75"],
+                    "per_class_ap": teacher_map["per_class"], "params": teacher_params,
+                    "train_seconds": round(teacher_seconds, 1), "cached": cached,
+                    "settings": {k: v for k, v in teacher_cfg.items() if k != "canvases"}},
+        "student": {"backbone": args.student_backbone, **student_kwargs, "params": student_params},
+        "inversion": {k: (list(v) if isinstance(v, tuple) else v) for k, v in inv_kwargs.items()},
+        "distill": {**distill_kwargs, "budget_seconds": budget, "kd_steps_per_round": args.kd_steps_per_round,
+                    "kd_steps_per_round_box_inversion": args.inv_kd_steps_per_round,
+                    "augment": {"flip": flip, "jitter": 0.1, "scale": 0.1}},
+        "target": f"box_inversion mAP@.5 >= {TARGET:.0%} of the real-data KD ceiling's",
+        "target_met": met, "rows": rows, "runs": runs,
+    })
+    args.out.mkdir(parents=True, exist_ok=True)
+    jpath, mpath = args.out / f"{name}.json", args.out / f"{name}.md"
+    result = _scrub_work(result, work)
+    atomic_write_json(jpath, result)
+
+    hw = result["hardware"]
+    lines = [
+        f"# B4 — detection ({args.source} canvases), side by side",
+        "",
+        f"- command: `{result['command']}`",
+        f"- hardware: {hw.get('gpu') or 'CPU'}, {hw['cpu_count']} cores, torch {hw['torch']} "
+        f"({hw['cpu_threads']} threads), {hw['platform']}",
+        f"- seeds: {', '.join(map(str, args.seeds))}; total wall time {wall:.0f} s "
+        f"(teacher {'cached' if cached else f'trained in {teacher_seconds:.0f} s'})",
+        f"- canvases: {size}×{size} px, {objects[0]}–{objects[1]} objects of {obj_px[0]}–{obj_px[1]} px on "
+        f"blurred real backgrounds; {len(train_ds)} train canvases ({train_ds.num_boxes} boxes) from the train "
+        f"split, {len(test_ds)} test canvases ({test_ds.num_boxes} boxes) from the test split only",
+        f"- teacher: FCOS, small BatchNorm CNN width {args.teacher_width}, FPN {args.teacher_fpn}, "
+        f"{teacher_params} params, {args.teacher_steps} steps on the train canvases",
+        f"- student: FCOS, {args.student_backbone} width {args.student_width}, FPN {args.student_fpn}, "
+        f"{args.student_head_convs} head conv(s), {student_params} params; same init, budget "
+        f"({args.budget_minutes:g} min wall clock, evaluation included) and KD loop for every method: batch "
+        f"{args.kd_batch}, {args.kd_steps_per_round} steps per round from a {args.memory_size}-image memory, "
+        f"teacher pseudo-labels (score ≥ {args.score_thresh})"
+        + (f" + head matching (weight {args.head_weight:g})" if args.head_matching else ""),
+        f"- box_inversion: {args.inv_iterations} iterations × {args.inv_batch} images, lr {args.inv_lr:g}, "
+        f"{args.boxes_per_image} sampled box(es) per image (sides {box_size[0]:.2f}–{box_size[1]:.2f} of the "
+        f"canvas), BN prior {args.inv_bn:g} (first layer ×{args.inv_first_bn:g}), TV {args.inv_tv:g}"
+        + (f", teacher detections ≥ {args.add_teacher_detections:g} added" if args.add_teacher_detections >= 0
+           else ""),
+        "- mAP: pycocotools COCOeval (bbox, 101-point), on the full test set; scored with score ≥ "
+        f"{args.eval_score_thresh:g}",
+        "",
+        "| method | kind | mAP@[.5:.95] | mAP@.5 | mAP@.5 / ceiling | distill time (s) | images synthesized "
+        "| synth images/s |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| teacher | — | {teacher_map['map']:.4f} | {teacher_map['map50']:.4f} | | | | |",
+    ]
+    for r in rows:
+        ratio = f"{r['ratio_to_ceiling_map50']:.1%}" if r["ratio_to_ceiling_map50"] is not None else "—"
+        std = f" ± {r['map50_std']:.4f}" if r["map50_std"] is not None else ""
+        ips = f"{r['synth_images_per_second']:.0f}" if r["synth_images_per_second"] else "—"
+        lines.append(f"| {r['method']} | {r['kind']} | {r['map']:.4f} | {r['map50']:.4f}{std} | {ratio} "
+                     f"| {r['distill_seconds']:.0f} | {r['images_synthesized']:.0f} | {ips} |")
+    lines.append("")
+    if met is None:
+        lines.append("Target (data-free mAP@.5 ≥ 80 % of the real-data KD ceiling's): not evaluated "
+                     "(needs both box_inversion and real).")
+    else:
+        lines.append(f"Target (data-free mAP@.5 ≥ 80 % of the real-data KD ceiling's): "
+                     f"**{'met' if met else 'not met'}** — box_inversion reaches "
+                     f"{df['ratio_to_ceiling_map50']:.1%} of the ceiling.")
+    png = args.out / f"{name}_time_to_map.png"
+    if plot(runs, png, teacher_map["map50"], f"B4 — {args.source} detection"):
+        lines.append(f"\nTime to mAP@.5 (test subset of {args.eval_images} canvases along the way, full test set "
+                     f"at the end): `{png.name}`; data: `time_to_map` ([wall s, step, mAP, mAP@.5]) per run in "
+                     f"`{jpath.name}`, with per-class AP.")
+    atomic_write_bytes(mpath, _scrub_work(redact_paths("\n".join(lines) + "\n"), work).encode())
+    print("\n".join(lines))
+
+
+def plot(runs, path: Path, teacher_map50: float, title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for r in runs:
+        pts = r["time_to_map"]
+        ax.plot([p[0] for p in pts], [p[3] for p in pts], marker="o", ms=3, label=f"{r['method']} (seed {r['seed']})")
+    ax.axhline(teacher_map50, color="k", ls="--", lw=1, label="teacher")
+    ax.set_xlabel("wall time (s)")
+    ax.set_ylabel("student mAP@.5 (real test canvases)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
+
+
+if __name__ == "__main__":
+    main()
