@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shlex
 import statistics
 import sys
@@ -92,9 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--student-fpn", type=int, default=16)
     g.add_argument("--student-head-convs", type=int, default=1)
     g = ap.add_argument_group("distillation (same for every method)")
-    g.add_argument("--budget-minutes", type=float, default=3.0, help="wall-clock budget per student method")
+    g.add_argument("--budget-minutes", type=float, default=5.0, help="wall-clock budget per student method")
     g.add_argument("--kd-batch", type=int, default=32)
-    g.add_argument("--kd-lr", type=float, default=3e-3)
+    g.add_argument("--kd-lr", type=float, default=5e-3)
     g.add_argument("--kd-steps-per-round", type=int, default=4,
                    help="student steps per source round for box_noise and real (cheap sources)")
     g.add_argument("--memory-size", type=int, default=4096)
@@ -102,6 +101,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--head-matching", action=argparse.BooleanOptionalAction, default=False,
                    help="also match the teacher's head outputs (same pyramid geometry)")
     g.add_argument("--head-weight", type=float, default=1.0)
+    g.add_argument("--class-kd", type=float, default=1.0,
+                   help="weight of the teacher's class distribution on its objects (0: pseudo-labels only)")
+    g.add_argument("--class-kd-temperature", type=float, default=2.0)
     g.add_argument("--source-batch", type=int, default=32, help="images per round for box_noise and real")
     g = ap.add_argument_group("box inversion")
     g.add_argument("--inv-batch", type=int, default=32)
@@ -145,7 +147,7 @@ def main(argv=None) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from dfkd.bench import redact_paths
+    from dfkd.bench import plot_curves, redact_paths
     from dfkd.data.detection import build_canvas_benchmark, load_detection
     from dfkd.detection.boxes import BoxAugment
     from dfkd.detection.models import DetectionTeacher, build_detector, load_detector, save_detector
@@ -241,6 +243,7 @@ def main(argv=None) -> None:
                           head_convs=args.student_head_convs)
     distill_kwargs = dict(batch_size=args.kd_batch, lr=args.kd_lr, score_thresh=args.score_thresh,
                           head_matching=args.head_matching, head_weight=args.head_weight,
+                          class_kd=args.class_kd, class_kd_temperature=args.class_kd_temperature,
                           memory_size=args.memory_size)
 
     def make_source(method: str, seed: int):
@@ -294,7 +297,7 @@ def main(argv=None) -> None:
                                             if out["synth_seconds"] > 0 else None),
                 "eval_seconds_in_budget": round(sum(e.get("eval_seconds", 0.0) for e in curve), 3),
                 "final_eval_seconds": round(final_eval_seconds, 3),
-                "head_matching": out["head_matching"],
+                "head_matching": out["head_matching"], "class_kd": out["class_kd"],
                 "time_to_map": [[e["wall"], e["step"], e["map"], e["map50"]] for e in curve]
                 + [[out["wall"], out["steps"], final["map"], final["map50"]]],
                 "last_quarter_means": {k: statistics.mean(h[k] for h in tail if k in h) for k in syn_keys
@@ -370,7 +373,9 @@ def main(argv=None) -> None:
         f"({args.budget_minutes:g} min wall clock, evaluation included) and KD loop for every method: batch "
         f"{args.kd_batch}, {args.kd_steps_per_round} steps per round from a {args.memory_size}-image memory, "
         f"teacher pseudo-labels (score ≥ {args.score_thresh})"
-        + (f" + head matching (weight {args.head_weight:g})" if args.head_matching else ""),
+        + (f" + head matching (weight {args.head_weight:g})" if args.head_matching else "")
+        + (f" + the teacher's class distribution on its objects (class KD, weight {args.class_kd:g}, "
+           f"T {args.class_kd_temperature:g})" if args.class_kd > 0 else ""),
         f"- box_inversion: {args.inv_iterations} iterations × {args.inv_batch} images, lr {args.inv_lr:g}, "
         f"{args.boxes_per_image} sampled box(es) per image (sides {box_size[0]:.2f}–{box_size[1]:.2f} of the "
         f"canvas), BN prior {args.inv_bn:g} (first layer ×{args.inv_first_bn:g}), TV {args.inv_tv:g}"
@@ -399,38 +404,14 @@ def main(argv=None) -> None:
                      f"**{'met' if met else 'not met'}** — box_inversion reaches "
                      f"{df['ratio_to_ceiling_map50']:.1%} of the ceiling.")
     png = args.out / f"{name}_time_to_map.png"
-    if plot(runs, png, teacher_map["map50"], f"B4 — {args.source} detection"):
+    curves = {f"{r['method']} (seed {r['seed']})": [[p[0], p[3]] for p in r["time_to_map"]] for r in runs}
+    if plot_curves(curves, png, f"B4 — {args.source} detection", teacher_map["map50"],
+                   ylabel="student mAP@.5 (real test canvases)"):
         lines.append(f"\nTime to mAP@.5 (test subset of {args.eval_images} canvases along the way, full test set "
                      f"at the end): `{png.name}`; data: `time_to_map` ([wall s, step, mAP, mAP@.5]) per run in "
                      f"`{jpath.name}`, with per-class AP.")
     atomic_write_bytes(mpath, _scrub_work(redact_paths("\n".join(lines) + "\n"), work).encode())
     print("\n".join(lines))
-
-
-def plot(runs, path: Path, teacher_map50: float, title: str) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for r in runs:
-        pts = r["time_to_map"]
-        ax.plot([p[0] for p in pts], [p[3] for p in pts], marker="o", ms=3, label=f"{r['method']} (seed {r['seed']})")
-    ax.axhline(teacher_map50, color="k", ls="--", lw=1, label="teacher")
-    ax.set_xlabel("wall time (s)")
-    ax.set_ylabel("student mAP@.5 (real test canvases)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return True
 
 
 if __name__ == "__main__":

@@ -277,10 +277,11 @@ def test_distill_detector_each_source(kind, trained, rects):
     before = [p.detach().clone() for p in student.parameters()]
     calls = []
     out = distill_detector(teacher, student, source, steps=4, batch_size=4, lr=1e-3, memory_size=16,
-                           kd_steps_per_round=2, head_matching=True, progress=False,
+                           kd_steps_per_round=2, head_matching=True, class_kd=1.0, progress=False,
                            eval_fn=lambda s: calls.append(1) or {"map": 0.0}, eval_every=2)
     assert out["steps"] == 4 and out["rounds"] == 2 and out["images_synthesized"] == 8
     assert out["head_matching"] and all("kd/head" in r for r in out["history"])
+    assert out["class_kd"] == 1.0 and all("kd/class_kd" in r for r in out["history"])
     assert [e["step"] for e in out["evals"]] == [2, 4] and len(calls) == 2
     changed = sum(not torch.equal(a, p.detach()) for a, p in zip(before, student.parameters()))
     assert changed > len(before) // 2
@@ -291,10 +292,37 @@ def test_distill_detector_each_source(kind, trained, rects):
 def test_distill_head_matching_skips_other_geometry(trained, rects):
     teacher = DetectionTeacher(trained)
     student = tiny_detector("resnet8_cifar", seed=2)
-    with pytest.warns(UserWarning, match="head matching skipped"):
+    with pytest.warns(UserWarning, match="class KD skipped: teacher and student heads differ"):
         out = distill_detector(teacher, student, RealImageSource(rects, batch_size=2), steps=2, batch_size=2,
-                               kd_steps_per_round=2, head_matching=True, progress=False)
-    assert not out["head_matching"] and out["steps"] == 2
+                               kd_steps_per_round=2, head_matching=True, class_kd=1.0, progress=False)
+    assert not out["head_matching"] and out["class_kd"] == 0.0 and out["steps"] == 2
+
+
+def test_class_kd_loss_weights_the_teachers_objects():
+    from dfkd.detection.train import class_kd_loss
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.full((2, 50, 5), -12.0)
+    t[:, :10] = 3.0 * torch.randn(2, 10, 5, generator=g)  # 10 object locations, 40 background
+    teacher = {"cls_logits": t}
+    s = t.clone()
+    s[:, :10] += torch.randn(2, 10, 5, generator=g)
+    base = class_kd_loss({"cls_logits": s}, teacher)
+    # matching the teacher where it sees objects lowers the loss; the minimum is at the teacher's logits
+    assert class_kd_loss({"cls_logits": t.clone()}, teacher) < base
+    for temp in (1.0, 2.0):
+        x = s.clone().requires_grad_(True)
+        class_kd_loss({"cls_logits": x}, teacher, temp).backward()
+        step = (x - 0.5 * x.grad / x.grad.abs().max()).detach()
+        assert class_kd_loss({"cls_logits": step}, teacher, temp) < class_kd_loss({"cls_logits": s}, teacher, temp)
+    # background locations (teacher probability ~0) barely count: a large change there moves it little,
+    # the same change on object locations moves it a lot
+    bg, fg = s.clone(), s.clone()
+    bg[:, 10:] += 5.0
+    fg[:, :10] += 5.0
+    d_bg = (class_kd_loss({"cls_logits": bg}, teacher) - base).abs()
+    d_fg = (class_kd_loss({"cls_logits": fg}, teacher) - base).abs()
+    assert d_bg < 0.01 * d_fg
 
 
 def test_distill_respects_budget(trained, rects):

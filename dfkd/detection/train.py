@@ -6,7 +6,9 @@ round a source (box inversion, noise, real images — anything whose ``step()`` 
 ``kd_steps_per_round`` steps on augmented memory batches. Targets are the teacher's
 pseudo-labels on those same augmented images (boxes with score ≥ ``score_thresh``), trained
 with the student's own detection loss; optionally the student's head outputs also match the
-teacher's (sigmoid BCE on class logits and centerness, L1 on box regression).
+teacher's (sigmoid BCE on class logits and centerness, L1 on box regression), and/or its class
+logits match the teacher's class probabilities on the teacher's objects (``class_kd``: this passes
+on which class the teacher almost chose — the knowledge that hard pseudo-labels drop).
 """
 
 from __future__ import annotations
@@ -245,6 +247,23 @@ def head_matching_loss(student_out: dict, teacher_out: dict) -> torch.Tensor:
     return loss
 
 
+def class_kd_loss(student_out: dict, teacher_out: dict, temperature: float = 1.0) -> torch.Tensor:
+    """Foreground-weighted soft class matching between two detection heads' class logits.
+
+    Per location, sigmoid BCE between the student's class logits and the teacher's class
+    probabilities (both divided by ``temperature``), summed over classes; locations are weighted by
+    the teacher's highest class probability, so the loss concentrates on the teacher's objects and
+    passes on its full class distribution there (which class it *almost* chose), not only the
+    arg-max that a pseudo-label keeps.
+    """
+    t = teacher_out["cls_logits"].detach().float()
+    s = student_out["cls_logits"].float()
+    w = torch.sigmoid(t).amax(-1)
+    bce = F.binary_cross_entropy_with_logits(s / temperature, torch.sigmoid(t / temperature),
+                                             reduction="none").sum(-1)
+    return (w * bce).sum() / w.sum().clamp_min(1.0)
+
+
 def _same_geometry(a: dict, b: dict) -> bool:
     return set(a) == set(b) and all(tuple(a[k].shape) == tuple(b[k].shape) for k in a)
 
@@ -270,6 +289,8 @@ def distill_detector(
     score_thresh: float = 0.3,
     head_matching: bool = False,
     head_weight: float = 1.0,
+    class_kd: float = 0.0,
+    class_kd_temperature: float = 1.0,
     memory_size: int = 4096,
     kd_steps_per_round: int = 10,
     augment: bool | BoxAugment | None = True,
@@ -289,6 +310,9 @@ def distill_detector(
     from the image memory (``memory_size`` images). ``augment``: ``True`` = flips and ±10 %
     translation/scale (a :class:`BoxAugment`), or your own, or ``None``. AdamW with a cosine
     schedule over ``steps`` (or over ``budget_seconds`` of wall time, whichever ends first).
+    ``class_kd > 0`` adds :func:`class_kd_loss` (the teacher's class distribution on its objects,
+    at ``class_kd_temperature``) with that weight; like ``head_matching`` it needs heads of the same
+    geometry and is skipped with a warning otherwise.
     ``eval_fn(student) -> {metric: value}`` runs every ``eval_every`` steps and at the end.
 
     Returns ``{"history": [...], "evals": [...], "steps", "rounds", "wall", "images_synthesized",
@@ -303,10 +327,11 @@ def distill_detector(
     memory = ImageMemory(memory_size, device)
     g = torch.Generator().manual_seed(int(seed) + 17)
     hooks_t = hooks_s = None
-    if head_matching:
+    class_kd = float(class_kd)
+    if head_matching or class_kd > 0:
         if not hasattr(teacher.model, "head") or not hasattr(student, "head"):
-            warnings.warn("head matching needs torchvision detectors with a .head; skipped")
-            head_matching = False
+            warnings.warn("head matching and class KD need torchvision detectors with a .head; skipped")
+            head_matching, class_kd = False, 0.0
         else:
             hooks_t, hooks_s = _HeadOutputs(teacher.model), _HeadOutputs(student)
     history: list[dict] = []
@@ -366,16 +391,21 @@ def distill_detector(
                 losses = student(list(x.unbind(0)), targets)
                 loss = sum(losses.values())
                 parts = {k: float(v.detach()) for k, v in losses.items()}
-                if head_matching:
+                if head_matching or class_kd > 0:
                     if _same_geometry(hooks_s.out, hooks_t.out):
-                        lh = head_matching_loss(hooks_s.out, hooks_t.out)
-                        loss = loss + head_weight * lh
-                        parts["head"] = float(lh.detach())
+                        if head_matching:
+                            lh = head_matching_loss(hooks_s.out, hooks_t.out)
+                            loss = loss + head_weight * lh
+                            parts["head"] = float(lh.detach())
+                        if class_kd > 0:
+                            lc = class_kd_loss(hooks_s.out, hooks_t.out, class_kd_temperature)
+                            loss = loss + class_kd * lc
+                            parts["class_kd"] = float(lc.detach())
                     else:
-                        warnings.warn("head matching skipped: teacher and student heads differ in shape "
-                                      f"({ {k: tuple(v.shape) for k, v in hooks_t.out.items()} } vs "
+                        warnings.warn("head matching / class KD skipped: teacher and student heads differ in "
+                                      f"shape ({ {k: tuple(v.shape) for k, v in hooks_t.out.items()} } vs "
                                       f"{ {k: tuple(v.shape) for k, v in hooks_s.out.items()} })")
-                        head_matching = False
+                        head_matching, class_kd = False, 0.0
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if grad_clip > 0:
@@ -410,4 +440,5 @@ def distill_detector(
     student.eval()
     return {"history": history, "evals": evals, "steps": step, "rounds": rounds,
             "wall": round(time.perf_counter() - start, 3), "images_synthesized": synth_images,
-            "synth_seconds": round(synth_seconds, 3), "head_matching": bool(head_matching)}
+            "synth_seconds": round(synth_seconds, 3), "head_matching": bool(head_matching),
+            "class_kd": class_kd}
