@@ -220,6 +220,26 @@ class ImageMemory:
         idx = torch.randint(self.size, (n,), generator=generator).to(self.device)
         return self.images[idx].float()
 
+    def state_dict(self) -> dict[str, Any]:
+        images = None if self.images is None else self.images[: max(self.size, 0)].cpu()
+        return {"images": images, "size": self.size, "head": self.head, "capacity": self.capacity}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["capacity"]) != self.capacity:
+            raise DfkdError(f"the saved image memory holds {state['capacity']} images, this run "
+                            f"{self.capacity}; use the same memory size to resume")
+        self.size, self.head = int(state["size"]), int(state["head"])
+        images = state["images"]
+        if images is None:
+            self.images = None
+            return
+        images = images.to(self.device, torch.float16)
+        if self.capacity <= 0:
+            self.images = images
+            return
+        self.images = torch.empty((self.capacity, *images.shape[1:]), dtype=torch.float16, device=self.device)
+        self.images[: len(images)] = images
+
 
 # -- head matching ---------------------------------------------------------------------------
 class _HeadOutputs:
@@ -302,6 +322,9 @@ def distill_detector(
     eval_fn: Optional[Callable[[nn.Module], dict]] = None,
     eval_every: int = 100,
     log_fn: Optional[Callable[[dict], None]] = None,
+    state: Optional[dict[str, Any]] = None,
+    checkpoint_fn: Optional[Callable[[dict], None]] = None,
+    checkpoint_every: int = 0,
 ) -> dict[str, Any]:
     """Distil ``student`` (a torchvision detector) from ``teacher`` (a ``DetectionTeacher``) on ``source``.
 
@@ -315,8 +338,14 @@ def distill_detector(
     geometry and is skipped with a warning otherwise.
     ``eval_fn(student) -> {metric: value}`` runs every ``eval_every`` steps and at the end.
 
+    Resuming: ``checkpoint_fn(run_state)`` is called every ``checkpoint_every`` rounds (and when
+    the run ends or is interrupted) with the whole run — student, optimizer, image memory, random
+    generators, the source's ``state_dict()`` when it has one, counters, history and the wall time
+    spent; pass that dict back as ``state=`` (same settings) and the run continues where it was.
+
     Returns ``{"history": [...], "evals": [...], "steps", "rounds", "wall", "images_synthesized",
-    "synth_seconds", "head_matching"}``; ``evals`` holds ``{"step", "wall", **metrics}`` (time to accuracy).
+    "synth_seconds", "head_matching", "class_kd"}``; ``evals`` holds ``{"step", "wall", **metrics}``
+    (time to accuracy).
     """
     device = torch.device(device)
     student.to(device).train()
@@ -336,13 +365,32 @@ def distill_detector(
             hooks_t, hooks_s = _HeadOutputs(teacher.model), _HeadOutputs(student)
     history: list[dict] = []
     evals: list[dict] = []
-    start = time.perf_counter()
-    synth_seconds, synth_images, step, rounds = 0.0, 0, 0, 0
+    synth_seconds, synth_images, step, rounds, spent = 0.0, 0, 0, 0, 0.0
+    if state is not None:
+        student.load_state_dict(state["student"])
+        opt.load_state_dict(state["optimizer"])
+        memory.load_state_dict(state["memory"])
+        g.set_state(state["rng"])
+        if state.get("source") is not None and hasattr(source, "load_state_dict"):
+            source.load_state_dict(state["source"])
+        history, evals = list(state["history"]), list(state["evals"])
+        synth_seconds, synth_images = float(state["synth_seconds"]), int(state["images_synthesized"])
+        step, rounds, spent = int(state["step"]), int(state["rounds"]), float(state["wall"])
+    start = time.perf_counter() - spent  # wall time counts across resumes
+
+    def run_state() -> dict[str, Any]:
+        return {"student": student.state_dict(), "optimizer": opt.state_dict(), "memory": memory.state_dict(),
+                "rng": g.get_state(),
+                "source": source.state_dict() if hasattr(source, "state_dict") else None,
+                "history": history, "evals": evals, "synth_seconds": synth_seconds,
+                "images_synthesized": synth_images, "step": step, "rounds": rounds,
+                "wall": time.perf_counter() - start}
+
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps, desc="distill detector", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=steps, initial=min(step, steps), desc="distill detector", unit="step", dynamic_ncols=True)
 
     def run_eval() -> None:
         if eval_fn is None:
@@ -430,13 +478,22 @@ def distill_detector(
                 log_fn(record)
             if bar is not None:
                 bar.set_postfix(loss=f"{record.get('kd/loss', 0.0):.3f}")
+            if checkpoint_fn is not None and checkpoint_every and rounds % checkpoint_every == 0:
+                checkpoint_fn(run_state())
+    except KeyboardInterrupt:
+        if checkpoint_fn is not None:  # keep what the interrupted round finished
+            checkpoint_fn(run_state())
+        raise
     finally:
         if bar is not None:
             bar.close()
         for h in (hooks_t, hooks_s):
             if h is not None:
                 h.remove()
-    run_eval()
+    if not evals or evals[-1]["step"] != step:
+        run_eval()
+    if checkpoint_fn is not None:
+        checkpoint_fn(run_state())
     student.eval()
     return {"history": history, "evals": evals, "steps": step, "rounds": rounds,
             "wall": round(time.perf_counter() - start, 3), "images_synthesized": synth_images,
