@@ -60,7 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--source", choices=sorted(SOURCE_DEFAULTS), default="digits")
     a("--root", default=None, help="CIFAR-10 folder (default $DFKD_DATA)")
     a("--methods", nargs="+", choices=METHODS, default=METHODS)
-    a("--seeds", "--seed", nargs="+", type=int, default=[0], help="student seeds (the canvases and teacher use the first)")
+    a("--seeds", "--seed", nargs="+", type=int, default=[0], help="student seeds")
+    a("--data-seed", type=int, default=None,
+      help="seed of the canvases and the teacher (default: the first student seed)")
     a("--threads", type=int, default=2)
     a("--device", default="cpu")
     a("--work", type=Path, default=None,
@@ -166,7 +168,7 @@ def main(argv=None) -> None:
     canvas_cfg = {"source": args.source, "canvas_size": size, "object_pixels": list(obj_px),
                   "objects": list(objects), "train": int(args.train_canvases or d["train_canvases"]),
                   "test": int(args.test_canvases or d["test_canvases"]), "background": args.background,
-                  "seed": args.seeds[0]}
+                  "seed": args.seeds[0] if args.data_seed is None else args.data_seed}
     work = args.work or Path(tempfile.gettempdir()) / "dfkd_b4_work"
     work.mkdir(parents=True, exist_ok=True)
     name = args.name or f"b4_detection_{args.source}"
@@ -200,14 +202,14 @@ def main(argv=None) -> None:
     if cached:
         model = load_detector(tpath)
     else:
-        torch.manual_seed(args.seeds[0])
+        torch.manual_seed(canvas_cfg["seed"])
         model = build_detector("fcos", "small_cnn", num_classes=num_classes, image_size=size, in_chans=channels,
                                mean=mean, std=std,
                                width=args.teacher_width, fpn_channels=args.teacher_fpn,
                                head_convs=args.teacher_head_convs)
         t0 = time.perf_counter()
         train_detector(model, train_ds, steps=args.teacher_steps, lr=args.teacher_lr,
-                       batch_size=args.teacher_batch, device=device, seed=args.seeds[0], progress=False,
+                       batch_size=args.teacher_batch, device=device, seed=canvas_cfg["seed"], progress=False,
                        augment=BoxAugment(flip=flip, jitter=0.1, scale=0.1))
         teacher_seconds = time.perf_counter() - t0
         save_detector(model, tpath)
