@@ -87,6 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--teacher-steps", type=int, default=3000)
     g.add_argument("--teacher-lr", type=float, default=3e-3)
     g.add_argument("--teacher-batch", type=int, default=32)
+    g.add_argument("--min-teacher-map50", type=float, default=0.8,
+                   help="below this, the teacher is flagged as failed in the console and the results")
     g = ap.add_argument_group("student (same for every method)")
     g.add_argument("--student-backbone", default="small_cnn")
     g.add_argument("--student-width", type=int, default=16)
@@ -232,6 +234,11 @@ def main(argv=None) -> None:
     print(f"teacher: mAP {teacher_map['map']:.4f}, mAP@.5 {teacher_map['map50']:.4f} "
           f"({teacher_params} params, {'cached' if cached else f'trained in {teacher_seconds:.0f} s'}, "
           f"eval {teacher_eval_seconds:.1f} s)", flush=True)
+    weak_teacher = teacher_map["map50"] < args.min_teacher_map50
+    if weak_teacher:  # a failed teacher makes every row meaningless: say so loudly, in the results too
+        print(f"warning: the teacher's mAP@.5 {teacher_map['map50']:.4f} is below {args.min_teacher_map50:g}; its "
+              "training did not converge (try another --data-seed, more --teacher-steps or a lower --teacher-lr)",
+              file=sys.stderr, flush=True)
 
     # 3. students
     box_size = tuple(args.box_size) if args.box_size else (obj_px[0] / size, obj_px[1] / size)
@@ -349,6 +356,7 @@ def main(argv=None) -> None:
                     "kd_steps_per_round_box_inversion": args.inv_kd_steps_per_round,
                     "augment": {"flip": flip, "jitter": 0.1, "scale": 0.1}},
         "target": f"box_inversion mAP@.5 >= {TARGET:.0%} of the real-data KD ceiling's",
+        "weak_teacher": weak_teacher,
         "target_met": met, "rows": rows, "runs": runs,
     })
     args.out.mkdir(parents=True, exist_ok=True)
@@ -398,6 +406,9 @@ def main(argv=None) -> None:
         lines.append(f"| {r['method']} | {r['kind']} | {r['map']:.4f} | {r['map50']:.4f}{std} | {ratio} "
                      f"| {r['distill_seconds']:.0f} | {r['images_synthesized']:.0f} | {ips} |")
     lines.append("")
+    if weak_teacher:
+        lines.append(f"**Warning:** the teacher's mAP@.5 ({teacher_map['map50']:.4f}) is below "
+                     f"{args.min_teacher_map50:g}: its training did not converge, so these rows say little.\n")
     if met is None:
         lines.append("Target (data-free mAP@.5 ≥ 80 % of the real-data KD ceiling's): not evaluated "
                      "(needs both box_inversion and real).")
