@@ -133,7 +133,7 @@ def train_diffusion(
     state_path = out / STATE_FILE
     if state_path.is_file():
         try:
-            state = torch.load(state_path, map_location=device, weights_only=False)
+            state = torch.load(state_path, map_location=device, weights_only=True)
         except Exception as e:  # noqa: BLE001 - unreadable checkpoint
             raise DfkdError(f"cannot read {state_path} ({type(e).__name__}); delete it to start over") from None
         if state.get("settings") != settings:

@@ -164,7 +164,7 @@ def run(args, argv: list[str]) -> int:
     state = None
     if state_path.is_file() and not args.restart:
         try:
-            saved = torch.load(state_path, map_location="cpu", weights_only=False)
+            saved = torch.load(state_path, map_location="cpu", weights_only=True)
         except Exception as e:  # a torn or foreign file: say so, do not guess
             raise UsageError(f"cannot read the saved run {state_path} ({type(e).__name__}); use --restart") from None
         if saved.get("version") != STATE_VERSION:
