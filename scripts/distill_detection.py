@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shlex
 import sys
 import time
@@ -44,7 +43,7 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from finetune_detection import UsageError, _device, _fmt_time, _Parser, letterboxed  # noqa: E402
+from finetune_detection import UsageError, _device, _fmt_time, _Parser, letterboxed, script_main  # noqa: E402
 
 PROG = "distill_detection"
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
@@ -286,24 +285,7 @@ def run(args, argv: list[str]) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = build_parser().parse_args(argv)
-        return run(args, argv)
-    except Exception as e:  # noqa: BLE001 - only user errors are caught here, the rest re-raised
-        from dfkd.errors import DfkdError
-
-        if not isinstance(e, (UsageError, DfkdError)):
-            raise
-        from dfkd.cli.common import one_line
-
-        print(f"{PROG}: error: {one_line(str(e))}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted before distillation started; nothing saved", file=sys.stderr)
-        return EXIT_INTERRUPTED
-
+    return script_main(PROG, build_parser(), run, argv, "distillation")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -680,12 +680,14 @@ def run(args, argv: list[str]) -> int:
     return 0
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def script_main(prog: str, parser, run_fn, argv: Optional[list[str]], before: str) -> int:
+    """Parse ``argv`` and call ``run_fn(args, argv)``; a user error is one line on stderr and exit 2,
+    Ctrl-C before ``run_fn`` handles it exits 130 (``before`` says what had not started)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = build_parser().parse_args(argv)
-        return run(args, argv)
+        args = parser.parse_args(argv)
+        return run_fn(args, argv)
     except Exception as e:  # noqa: BLE001 - only user errors are caught here, the rest re-raised
         from dfkd.errors import DfkdError
 
@@ -693,12 +695,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise
         from dfkd.cli.common import one_line
 
-        print(f"{PROG}: error: {one_line(str(e))}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(str(e))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted before training started; nothing saved", file=sys.stderr)
+        print(f"{prog}: interrupted before {before} started; nothing saved", file=sys.stderr)
         return EXIT_INTERRUPTED
 
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return script_main(PROG, build_parser(), run, argv, "training")
 
 if __name__ == "__main__":
     sys.exit(main())
