@@ -4,6 +4,7 @@ Each :meth:`BoxInversion.step` samples target boxes (sides uniform in ``size`` �
 random classes), starts a batch from noise and runs ``iterations`` Adam steps on
 
     det · L_det(teacher, aug(x), aug(boxes)) + bn · R_feature(x) + tv · TV(x) + l2 · ‖x − ½‖₂
+        [− adi · JS_fg(teacher, student)]
 
 where ``L_det`` is the teacher detector's own training loss (classification + box regression
 [+ centerness]) for the sampled boxes, computed with its BatchNorm layers in eval mode, and
@@ -12,6 +13,13 @@ moves boxes with the pixels (:class:`~dfkd.detection.boxes.BoxAugment`). Pixels 
 directly and clamped to [0, 1] after every step. With ``add_teacher_detections=τ`` the teacher's
 confident (score ≥ τ) detections on the final images that do not overlap a sampled box
 (IoU < ``overlap_iou``) join the targets.
+
+``adi > 0`` adds Adaptive DeepInversion's competition term (Yin et al., CVPR 2020) for detectors:
+when the distillation loop passes the student, the images are also pushed towards locations where
+the student's class distribution disagrees with the teacher's — the Jensen–Shannon divergence of
+their softmax class distributions per location, weighted by the teacher's top class probability
+there (so it acts on the teacher's objects, not on background). Both heads must have the same
+geometry (same strides and locations); the student's BatchNorm runs in eval mode for this.
 
 ``box_noise`` is the noise floor: Gaussian images with the teacher's detections as targets.
 Both return ``SyntheticBatch(images, targets=[{"boxes", "labels"}...], stats)``.
@@ -26,7 +34,8 @@ import torch
 from torch import nn
 
 from dfkd.detection.boxes import BoxAugment, box_iou, filter_boxes, sample_boxes
-from dfkd.losses import l2_prior, tv_prior
+from dfkd.detection.models import head_outputs
+from dfkd.losses import js_divergence, l2_prior, tv_prior
 from generators.base import SYNTHESIZERS, Synthesizer, SyntheticBatch
 
 
@@ -92,6 +101,7 @@ class BoxInversion(Synthesizer):
         jitter: float = 0.05,
         scale: float = 0.0,
         init_std: float = 0.2,
+        adi: float = 0.0,
     ):
         _check_detection_teacher(teacher, "box_inversion")
         super().__init__(teacher, batch_size, seed, device)
@@ -106,6 +116,8 @@ class BoxInversion(Synthesizer):
         self.overlap_iou = float(overlap_iou)
         self.augment = BoxAugment(self.input_size[1:], flip=flip, jitter=jitter, scale=scale) if augment else None
         self.init_std = float(init_std)
+        self.w_adi = float(adi)
+        self.uses_student = self.w_adi > 0
         if self.w_bn > 0:  # fail now (one line), not mid-run, when the teacher has no BatchNorm
             from dfkd.hooks import BatchNormPrior
 
@@ -123,6 +135,11 @@ class BoxInversion(Synthesizer):
         ctx = (self.teacher.statistics("batchnorm", first_weight=self.first_bn_multiplier)
                if self.w_bn > 0 else nullcontext())
         stats: dict[str, float] = {}
+        use_adi = self.w_adi > 0 and student is not None
+        head = {}
+        hook = (self.teacher.model.head.register_forward_hook(lambda m, i, o: head.__setitem__("t", o))
+                if use_adi else None)
+        loss_adi = None
         with ctx as prior:
             for _ in range(self.iterations):
                 opt.zero_grad(set_to_none=True)
@@ -135,6 +152,9 @@ class BoxInversion(Synthesizer):
                 loss_prior = prior.loss() if prior is not None else torch.zeros((), device=x.device)
                 loss = (self.w_det * loss_det + self.w_bn * loss_prior
                         + self.w_tv * tv_prior(x) + self.w_l2 * l2_prior(x))
+                if use_adi:
+                    loss_adi = self._competition(head.pop("t"), head_outputs(student, xa))
+                    loss = loss - self.w_adi * loss_adi
                 loss.backward(inputs=[x])
                 opt.step()
                 with torch.no_grad():
@@ -143,12 +163,28 @@ class BoxInversion(Synthesizer):
                 stats = {f"syn/{k}": float(v.detach()) for k, v in parts.items()}
                 stats.update({"syn/det": float(loss_det.detach()), "syn/prior": float(loss_prior.detach()),
                               "syn/loss": float(loss.detach())})
+                if loss_adi is not None:
+                    stats["syn/adi_js"] = float(loss_adi.detach())
+        if hook is not None:
+            hook.remove()
         x = x.detach()
         stats["syn/teacher_recall"] = teacher_recall(self.teacher, x, targets)
         if self.add_teacher_detections is not None:
             targets = self._add_detections(x, targets)
         stats["syn/boxes_per_image"] = sum(len(t["boxes"]) for t in targets) / max(1, len(targets))
         return SyntheticBatch(images=x, targets=targets, stats=stats)
+
+    @staticmethod
+    def _competition(teacher_out: dict, student_out: dict) -> torch.Tensor:
+        t, s = teacher_out["cls_logits"], student_out["cls_logits"]
+        if t.shape != s.shape:
+            from dfkd.errors import DfkdError
+
+            raise DfkdError(f"box_inversion adi needs teacher and student heads of one geometry, got class "
+                            f"logits {tuple(t.shape)} and {tuple(s.shape)}; set adi=0")
+        w = torch.sigmoid(t.detach().float()).amax(-1)
+        js = js_divergence(t, s, reduction="none")
+        return (w * js).sum() / w.sum().clamp_min(1.0)
 
     def _add_detections(self, x: torch.Tensor, targets: list[dict]) -> list[dict]:
         out = []

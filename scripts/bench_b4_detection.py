@@ -128,6 +128,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--inv-jitter", type=float, default=0.05)
     g.add_argument("--inv-scale", type=float, default=0.0)
     g.add_argument("--init-std", type=float, default=0.2)
+    g.add_argument("--inv-adi", type=float, default=0.0,
+                   help="Adaptive-DeepInversion competition weight (teacher/student class disagreement)")
     g = ap.add_argument_group("evaluation")
     g.add_argument("--eval-score-thresh", type=float, default=0.05, help="detector score cut-off when scoring mAP")
     g.add_argument("--eval-images", type=int, default=200, help="test canvases scored along the way")
@@ -247,7 +249,8 @@ def main(argv=None) -> None:
                       boxes_per_image=args.boxes_per_image, size=box_size,
                       add_teacher_detections=(args.add_teacher_detections if args.add_teacher_detections >= 0
                                               else None),
-                      flip=flip, jitter=args.inv_jitter, scale=args.inv_scale, init_std=args.init_std)
+                      flip=flip, jitter=args.inv_jitter, scale=args.inv_scale, init_std=args.init_std,
+                      adi=args.inv_adi)
     student_kwargs = dict(width=args.student_width, fpn_channels=args.student_fpn,
                           head_convs=args.student_head_convs)
     distill_kwargs = dict(batch_size=args.kd_batch, lr=args.kd_lr, score_thresh=args.score_thresh,

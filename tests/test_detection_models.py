@@ -1,6 +1,7 @@
 """Detectors, box-conditioned inversion and detector distillation (tiny models, 32×32 canvases)."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -259,6 +260,66 @@ def test_box_inversion_adds_teacher_detections(trained):
     assert sum(len(t["boxes"]) for t in batch.targets) > 4  # the sampled box plus the teacher's
     for t in batch.targets:
         assert len(t["boxes"]) == len(t["labels"]) and t["labels"].dtype == torch.int64
+
+
+def test_head_outputs_match_forward_and_keep_student_state(trained):
+    from dfkd.detection.models import head_outputs
+
+    student = tiny_detector(width=4, seed=5).train()
+    bn = next(m for m in student.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = bn.running_mean.clone()
+    x = torch.rand(2, 3, S, S, requires_grad=True)
+    out = head_outputs(student, x)
+    assert out["cls_logits"].shape[:1] == (2,) and out["cls_logits"].shape[-1] == 3
+    assert out["bbox_regression"].shape[-1] == 4
+    out["cls_logits"].sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert torch.equal(bn.running_mean, before) and student.training and bn.training
+    # the same numbers as the detector's own forward pass (head hook, eval mode)
+    got = {}
+    h = student.head.register_forward_hook(lambda m, i, o: got.update(o))
+    student.eval()
+    with torch.no_grad():
+        student(list(x.detach().unbind(0)))
+    h.remove()
+    assert torch.allclose(got["cls_logits"], head_outputs(student, x.detach())["cls_logits"], atol=1e-6)
+
+
+def test_js_divergence_per_row_matches_batch_mean():
+    from dfkd.losses import js_divergence
+
+    a, b = torch.randn(6, 5), torch.randn(6, 5)
+    rows = js_divergence(a, b, reduction="none")
+    assert rows.shape == (6,) and bool((rows >= 0).all()) and bool((rows <= math.log(2) + 1e-6).all())
+    assert torch.allclose(rows.mean(), js_divergence(a, b), atol=1e-6)
+    assert float(js_divergence(a, a, reduction="none").abs().max()) < 1e-6
+
+
+def test_box_inversion_adi_pushes_towards_disagreement(trained):
+    from generators.box_inversion import BoxInversion
+
+    teacher = DetectionTeacher(trained)
+    student = tiny_detector(width=4, seed=7)
+    kw = dict(batch_size=8, iterations=30, lr=0.1, seed=4, bn=0.0, tv=0.0)
+    plain = BoxInversion(teacher, **kw)
+    adi = BoxInversion(teacher, adi=20.0, **kw)
+    assert adi.uses_student and not plain.uses_student
+    bn = next(m for m in student.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = bn.running_mean.clone()
+    xa, xp = adi.step(student).images, plain.step(student).images
+    assert "syn/adi_js" in adi.step(student).stats
+    assert torch.equal(bn.running_mean, before)  # the student's statistics stay as they were
+
+    def disagreement(x):
+        from dfkd.detection.models import head_outputs
+
+        with torch.no_grad():
+            return float(BoxInversion._competition(head_outputs(trained, x), head_outputs(student, x)))
+
+    assert disagreement(xa) > disagreement(xp)
+    other = tiny_detector("resnet8_cifar", seed=2)
+    with pytest.raises(DfkdError, match="one geometry"):
+        adi.step(other)
 
 
 # -- distillation --------------------------------------------------------------------------

@@ -446,6 +446,27 @@ def _as_list(images) -> list[torch.Tensor]:
     return list(images.unbind(0)) if isinstance(images, torch.Tensor) else list(images)
 
 
+def head_outputs(model: nn.Module, images) -> dict[str, torch.Tensor]:
+    """The raw head outputs of a torchvision one-stage detector (FCOS/RetinaNet) on ``images``.
+
+    ``{"cls_logits": (B, locations, classes), "bbox_regression": (B, locations, 4)[, "bbox_ctrness"]}``,
+    with gradients reaching the images; BatchNorm and dropout layers run in eval mode (the model's
+    modes are restored), so a student's running statistics are not touched.
+    """
+    if not hasattr(model, "head") or not hasattr(model, "backbone"):
+        raise DfkdError(f"{type(model).__name__} has no one-stage detection head (FCOS/RetinaNet)")
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        batch, _ = model.transform(_as_list(images))
+        features = model.backbone(batch.tensors)
+        features = list(features.values()) if isinstance(features, dict) else [features]
+        return model.head(features)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
 class DetectionTeacher(nn.Module):
     """A trained detector, frozen, for synthesis and distillation.
 
