@@ -71,7 +71,7 @@ def build_parser() -> _Parser:
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--lr", type=float, default=5e-3, help="AdamW learning rate (cosine over the run)")
     g.add_argument("--score-thresh", type=float, default=0.45, help="teacher score for a pseudo-box")
-    g.add_argument("--class-kd", type=float, default=1.0,
+    g.add_argument("--class-kd", type=float, default=2.0,
                    help="weight of the teacher's class distribution on its objects (0: pseudo-boxes only)")
     g.add_argument("--class-kd-temperature", type=float, default=2.0)
     g.add_argument("--head-matching", action="store_true", help="also match all head outputs (same geometry)")
@@ -90,6 +90,9 @@ def build_parser() -> _Parser:
                    help="sampled box sides as fractions of the image (default 0.2 0.6)")
     g.add_argument("--add-teacher-detections", type=float, default=0.5,
                    help="score above which the teacher's extra detections join the targets (<0: off)")
+    g.add_argument("--adi", type=float, default=1.0,
+                   help="competition weight: also steer images to where the student disagrees with the teacher "
+                        "(Adaptive DeepInversion; needs a student head of the teacher's geometry)")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
                    help="horizontal flips in the augmentations (turn off for mirror-sensitive classes, e.g. digits)")
     g = ap.add_argument_group("evaluation and run")
@@ -119,7 +122,8 @@ def _check(args) -> None:
     for flag, v in (("--lr", args.lr), ("--inv-lr", args.inv_lr), ("--budget-minutes", args.budget_minutes)):
         if v is not None and not (v > 0 and math.isfinite(v)):
             raise UsageError(f"{flag} must be a positive number, got {v}")
-    for flag, v in (("--class-kd", args.class_kd), ("--inv-bn", args.inv_bn), ("--inv-tv", args.inv_tv)):
+    for flag, v in (("--class-kd", args.class_kd), ("--inv-bn", args.inv_bn), ("--inv-tv", args.inv_tv),
+                    ("--adi", args.adi)):
         if not (v >= 0 and math.isfinite(v)):
             raise UsageError(f"{flag} must be a number ≥ 0, got {v}")
     if not 0 <= args.score_thresh < 1:
@@ -189,6 +193,18 @@ def run(args, argv: list[str]) -> int:
                              width=width if small else 16, fpn_channels=fpn, head_convs=args.student_head_convs,
                              score_thresh=tb.get("score_thresh", 0.2), nms_thresh=tb.get("nms_thresh", 0.5),
                              detections_per_img=tb.get("detections_per_img", 20))
+    adi = args.adi
+    if adi > 0 and args.method == "box_inversion":
+        from dfkd.detection.models import head_outputs
+
+        probe = torch.zeros(1, tb["in_chans"], tb["image_size"], tb["image_size"], device=device)
+        student.to(device)
+        with torch.no_grad():
+            shapes = [tuple(head_outputs(m, probe)["cls_logits"].shape) for m in (teacher.model, student)]
+        if shapes[0] != shapes[1]:
+            print(f"note: --adi needs a student head of the teacher's geometry ({shapes[1]} vs {shapes[0]} class "
+                  "logits); running without it", file=sys.stderr, flush=True)
+            adi = 0.0
     if args.method == "box_inversion":
         source = build_synthesizer("box_inversion", teacher=teacher, batch_size=args.inv_batch, seed=args.seed,
                                    device=device, iterations=args.inv_iterations, lr=args.inv_lr, bn=args.inv_bn,
@@ -196,7 +212,7 @@ def run(args, argv: list[str]) -> int:
                                    boxes_per_image=args.boxes_per_image, size=tuple(args.box_size),
                                    add_teacher_detections=(args.add_teacher_detections
                                                            if args.add_teacher_detections >= 0 else None),
-                                   flip=args.flip)
+                                   flip=args.flip, adi=adi)
     else:
         source = build_synthesizer("box_noise", teacher=teacher, batch_size=args.inv_batch, seed=args.seed,
                                    device=device, score_thresh=args.score_thresh)
@@ -264,7 +280,7 @@ def run(args, argv: list[str]) -> int:
         return EXIT_INTERRUPTED
     metrics = {**info, "interrupted": False, "steps": res["steps"], "rounds": res["rounds"],
                "distill_seconds": res["wall"], "images_synthesized": res["images_synthesized"],
-               "synth_seconds": res["synth_seconds"], "class_kd": res["class_kd"],
+               "synth_seconds": res["synth_seconds"], "class_kd": res["class_kd"], "adi": adi,
                "time_to_map": [[e["wall"], e["step"], e.get("map"), e.get("map50")] for e in res["evals"]
                                if "map50" in e]}
     rows = [("steps", str(res["steps"])), ("images synthesized", str(res["images_synthesized"])),

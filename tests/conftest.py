@@ -18,6 +18,17 @@ def shared_data() -> Path | None:
     return Path(p) if p and Path(p).is_dir() else None
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module (tiny models gain nothing from threads, and oversubscribed
+    intra-op threads stall on a busy machine); the previous count is restored afterwards. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("dfkd_cache")

@@ -47,13 +47,7 @@ def tiny_detector(backbone="small_cnn", arch="fcos", seed=0, **kw):
     return build_detector(arch, backbone, num_classes=3, image_size=S, **kw)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and oversubscribed intra-op threads stall on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

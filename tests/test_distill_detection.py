@@ -22,12 +22,7 @@ TINY = ["--steps", "4", "--kd-steps-per-round", "2", "--inv-batch", "4", "--inv-
         "4", "--memory-size", "16", "--no-flip", "--checkpoint-every", "1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +65,8 @@ def test_runs_scores_and_resumes(script, setup, capsys, tmp_path):
     rc, stdout, err = call(script, capsys, "--teacher", setup["teacher"], "--out", out, "--val", setup["val"], *TINY)
     assert rc == 0, err
     m = json.loads((out / "metrics.json").read_text())
-    assert m["steps"] == 4 and m["rounds"] == 2 and m["images_synthesized"] == 8 and m["class_kd"] == 1.0
+    assert m["steps"] == 4 and m["rounds"] == 2 and m["images_synthesized"] == 8 and m["class_kd"] == 2.0
+    assert m["adi"] == 1.0 and "syn/adi_js" in json.loads((out / "history.jsonl").read_text().splitlines()[0])
     assert 0.0 <= m["map50"] <= 1.0 and 0.0 <= m["teacher_map50"] <= 1.0 and m["val_images"] == 12
     assert m["parameters"]["student"] < m["parameters"]["teacher"]
     assert "student mAP" in stdout
@@ -95,6 +91,15 @@ def test_runs_scores_and_resumes(script, setup, capsys, tmp_path):
     rc, _, err = call(script, capsys, "--teacher", setup["teacher"], "--out", out, *TINY, "--lr", "1e-3", "--restart")
     assert rc == 0, err
     assert json.loads((out / "metrics.json").read_text())["steps"] == 4
+
+
+def test_other_student_geometry_runs_without_adi(script, setup, capsys, tmp_path):
+    out = tmp_path / "resnet"
+    rc, _, err = call(script, capsys, "--teacher", setup["teacher"], "--out", out, *TINY,
+                      "--student-backbone", "resnet8_cifar")
+    assert rc == 0, err
+    assert "--adi needs a student head of the teacher's geometry" in err
+    assert json.loads((out / "metrics.json").read_text())["adi"] == 0.0
 
 
 @pytest.mark.parametrize("args, message", [

@@ -29,13 +29,7 @@ def run_script(*args, timeout=240) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """In-process runs share this interpreter: one thread (tiny models gain nothing), restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def call(script, capsys, *args):
