@@ -86,6 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--teacher-head-convs", type=int, default=2)
     g.add_argument("--teacher-steps", type=int, default=3000)
     g.add_argument("--teacher-lr", type=float, default=3e-3)
+    g.add_argument("--teacher-warmup", type=int, default=50, help="linear warm-up steps of the teacher's lr")
     g.add_argument("--teacher-batch", type=int, default=32)
     g.add_argument("--min-teacher-map50", type=float, default=0.8,
                    help="below this, the teacher is flagged as failed in the console and the results")
@@ -202,6 +203,8 @@ def main(argv=None) -> None:
                    "steps": args.teacher_steps, "lr": args.teacher_lr, "batch": args.teacher_batch,
                    "channels": channels, "mean": list(mean), "std": list(std), "flip": flip,
                    "augment": {"jitter": 0.1, "scale": 0.1}, "format": 2}
+    if args.teacher_warmup != 50:  # keyed only when set, so teachers cached before the option stay valid
+        teacher_cfg["warmup"] = args.teacher_warmup
     tpath = work / f"teacher_{_key(teacher_cfg)}.safetensors"
     teacher_seconds, cached = 0.0, tpath.is_file()
     if cached:
@@ -213,7 +216,7 @@ def main(argv=None) -> None:
                                width=args.teacher_width, fpn_channels=args.teacher_fpn,
                                head_convs=args.teacher_head_convs)
         t0 = time.perf_counter()
-        train_detector(model, train_ds, steps=args.teacher_steps, lr=args.teacher_lr,
+        train_detector(model, train_ds, steps=args.teacher_steps, lr=args.teacher_lr, warmup=args.teacher_warmup,
                        batch_size=args.teacher_batch, device=device, seed=canvas_cfg["seed"], progress=False,
                        augment=BoxAugment(flip=flip, jitter=0.1, scale=0.1))
         teacher_seconds = time.perf_counter() - t0
@@ -240,7 +243,7 @@ def main(argv=None) -> None:
     weak_teacher = teacher_map["map50"] < args.min_teacher_map50
     if weak_teacher:  # a failed teacher makes every row meaningless: say so loudly, in the results too
         print(f"warning: the teacher's mAP@.5 {teacher_map['map50']:.4f} is below {args.min_teacher_map50:g}; its "
-              "training did not converge (try another --data-seed, more --teacher-steps or a lower --teacher-lr)",
+              "training did not converge (try --teacher-warmup 300, more --teacher-steps or a lower --teacher-lr)",
               file=sys.stderr, flush=True)
 
     # 3. students
