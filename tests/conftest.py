@@ -12,6 +12,16 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def load_script(name: str):
+    """``scripts/<name>.py`` as a module, to call its ``main(argv)`` in this process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def shared_data() -> Path | None:
     """The real-data folder (CIFAR-10 .npz, pretrained teachers), from DFKD_DATA."""
     p = os.environ.get("DFKD_DATA")

@@ -4,22 +4,18 @@ Tiny digits canvases, a teacher trained for a few steps, a few seconds per stude
 mean nothing, the plumbing is what is checked.
 """
 
-import importlib.util
 import json
 
 import pytest
 
-from conftest import ROOT
+from conftest import load_script
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_b4_detection", ROOT / "scripts" / "bench_b4_detection.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench_b4_detection")
 
 
 def test_b4_tiny_run_writes_side_by_side_results(bench, tmp_path, capsys):

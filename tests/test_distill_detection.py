@@ -4,7 +4,6 @@ A tiny teacher detector trained for a few steps on tiny digits canvases; every r
 optimizer steps on one CPU thread.
 """
 
-import importlib.util
 import json
 import os
 import signal
@@ -15,7 +14,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, load_script
 
 SCRIPT = ROOT / "scripts" / "distill_detection.py"
 TINY = ["--steps", "4", "--kd-steps-per-round", "2", "--inv-batch", "4", "--inv-iterations", "2", "--batch-size",
@@ -27,10 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("distill_detection", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("distill_detection")
 
 
 def call(script, capsys, *args):

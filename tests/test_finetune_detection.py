@@ -3,7 +3,6 @@
 Tiny digits canvas sets and tiny students; every run is a few optimizer steps on one CPU thread.
 """
 
-import importlib.util
 import json
 import os
 import signal
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, shared_data
+from conftest import ROOT, load_script, shared_data
 
 SCRIPT = ROOT / "scripts" / "finetune_detection.py"
 LUMA = torch.tensor([0.299, 0.587, 0.114])
@@ -42,10 +41,7 @@ def call(script, capsys, *args):
 @pytest.fixture(scope="module")
 def script():
     """The script as a module, to call main(argv) in-process for the fast bad-input cases."""
-    spec = importlib.util.spec_from_file_location("finetune_detection", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("finetune_detection")
 
 
 @pytest.fixture(scope="module")

@@ -307,11 +307,9 @@ def test_distillation_token_trains_and_evaluates(vit_teacher, variant):
 
 # -- scripts ---------------------------------------------------------------------------------
 def test_train_vit_teacher_smoke(tmp_path):
-    import importlib.util
+    from tests.conftest import load_script
 
-    spec = importlib.util.spec_from_file_location("train_vit_teacher", ROOT / "scripts" / "train_vit_teacher.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("train_vit_teacher")
     out = tmp_path / "vit_teacher"
     result = mod.main(["--smoke", "--out", str(out)])
     ckpt = out / "teacher.safetensors"
