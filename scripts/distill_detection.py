@@ -8,6 +8,9 @@ optimises a batch of images so that the frozen teacher finds sampled boxes of sa
 them (its detection loss + its BatchNorm statistics + image priors, with box-aware jitter and
 flips), and the student then trains on a memory of those images against the teacher's
 pseudo-boxes and its class distribution on its objects (``dfkd.detection.train.distill_detector``).
+With ``--adi`` (default 1) the inversion also steers the images towards objects where the student's
+class distribution disagrees with the teacher's (Adaptive DeepInversion's competition term); a
+student whose head differs in geometry from the teacher's (e.g. a ViT backbone) runs without it.
 ``--method box_noise`` is the noise floor (Gaussian images) for comparison.
 
     python scripts/distill_detection.py --teacher det.safetensors --val canvases/test
