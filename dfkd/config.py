@@ -37,6 +37,11 @@ class TeacherLogits(str, Enum):
     stored = "stored"  # use the logits stored with the images (no augmentation)
 
 
+class Task(str, Enum):
+    classification = "classification"
+    detection = "detection"
+
+
 class Amp(str, Enum):
     auto = "auto"
     bf16 = "bf16"
@@ -46,8 +51,11 @@ class Amp(str, Enum):
 
 @dataclass
 class DataConfig:
-    name: str = "digits"
+    name: str = "digits"                # digits | cifar10 | npz | image_folder | none | (detection) coco, yolo, voc
     root: Optional[str] = None          # folder of the dataset files (CIFAR-10 .npz, ...)
+    path: Optional[str] = None          # a test folder or file (image_folder, npz, detection sets)
+    workers: int = 2                    # DataLoader workers for streamed test sets (image_folder)
+    batch_size: int = 256               # evaluation batch size
     seed: int = 0                       # split seed (digits) / subset seed
     test_fraction: float = 0.3          # digits only
     train_limit: Optional[int] = None   # use a random subset of the train split
@@ -67,7 +75,7 @@ class TeacherTrainConfig:
 
 @dataclass
 class TeacherConfig:
-    model: str = MISSING
+    model: Optional[str] = None         # a dfkd/timm/torchvision name; none: from the checkpoint's JSON
     kwargs: Dict[str, Any] = field(default_factory=dict)
     checkpoint: Optional[str] = None    # local file; none: train on the data's train split and cache
     train_if_missing: bool = False      # train (and cache) when no checkpoint is given
@@ -78,7 +86,7 @@ class TeacherConfig:
 
 @dataclass
 class StudentConfig:
-    model: str = MISSING
+    model: Optional[str] = None
     kwargs: Dict[str, Any] = field(default_factory=dict)
     checkpoint: Optional[str] = None    # initialise from a local file
 
@@ -122,6 +130,8 @@ class DistillAppConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     synthesizer: Dict[str, Any] = field(default_factory=dict)  # {name: ..., <its settings>}
     loss: Dict[str, Any] = field(default_factory=dict)         # {name: ..., <its settings>}
+    task: Task = Task.classification     # classification | detection
+    detection: Dict[str, Any] = field(default_factory=dict)    # task=detection settings (dfkd.detection)
     distill: DistillConfig = field(default_factory=DistillConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     seed: int = 0
