@@ -28,6 +28,22 @@ def shared_data() -> Path | None:
     return Path(p) if p and Path(p).is_dir() else None
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With ``DFKD_REQUIRE_DATA=1`` (``.ci/run`` sets it when the shared data is present), a test
+    that skips for want of the shared data (its reason names DFKD_DATA) fails instead: a CI run
+    that silently lost its real-data tests would otherwise pass."""
+    outcome = yield
+    rep = outcome.get_result()
+    if not (rep.skipped and os.environ.get("DFKD_REQUIRE_DATA") == "1") or hasattr(rep, "wasxfail"):
+        return
+    reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+    if "DFKD_DATA" in reason:
+        rep.outcome = "failed"
+        rep.longrepr = (f"DFKD_REQUIRE_DATA=1 but this data test skipped ({reason}); "
+                        f"DFKD_DATA={os.environ.get('DFKD_DATA')!r}")
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a test module (tiny models gain nothing from threads, and oversubscribed
