@@ -7,8 +7,20 @@ Each :meth:`AdversarialGenerator.step` runs ``g_steps`` updates of the generator
 
 then returns a batch from the updated generator. ``y`` are sampled classes when the generator
 is conditional (label-embedding input), otherwise the teacher's own arg-max (DAFL's one-hot
-loss). ``D`` is KL (Fast-DFKD) or L1 on logits (DFAD). The Distiller then trains the student on
-these images (and a memory of past ones), which closes the adversarial loop.
+loss). ``D`` is KL (Fast-DFKD), L1 on logits (DFAD) or the Jensen–Shannon divergence (bounded by
+log 2). The Distiller then trains the student on these images (and a memory of past ones), which
+closes the adversarial loop.
+
+The adversarial term is kept from taking over (a freshly initialised student makes an unbounded KL
+run to −10⁵ and the generator stops making the requested classes):
+
+- ``adv_mask``: only images on which student and teacher already agree (arg-max) count toward it,
+  as in CMI / Fast-DFKD; images the student gets wrong are already hard;
+- ``adv_clip``: each image's divergence is clipped at this value (``null``: no clip);
+- ``adv_warmup``: rounds with the cross-entropy and statistics prior alone;
+- ``adv_gate``: the adversarial term is on only while the running requested-class agreement of the
+  generator's own batches (teacher arg-max on the jittered images, EMA over steps) is at least
+  this value, so the statistics prior and the cross-entropy stay in charge until images are class-true.
 
 ``cr > 0`` adds CMI's contrastive diversity term (Fang et al., IJCAI 2021): the teacher's
 penultimate features of two views of each image (the jittered image and a random resized crop)
@@ -30,7 +42,7 @@ from torch import nn
 from dfkd.augment import random_jitter
 from dfkd.errors import DfkdError
 from dfkd.hooks import resolve_prior_name
-from dfkd.losses import kd_loss
+from dfkd.losses import js_divergence
 from generators.base import SYNTHESIZERS, Synthesizer, SyntheticBatch
 from generators.nets import Generator
 
@@ -62,13 +74,17 @@ class AdversarialGenerator(Synthesizer):
         cr_temperature: float = 0.1,
         cr_bank: int = 4096,
         cr_dim: int = 128,
+        adv_mask: bool = False,
+        adv_clip: float | None = None,
+        adv_warmup: int = 0,
+        adv_gate: float = 0.0,
     ):
         super().__init__(teacher, batch_size, seed, device)
         c, h, w = self.input_size
         if h != w:
             raise DfkdError(f"the adversarial generator makes square images; the teacher takes {h}×{w}")
-        if adv_loss not in ("kl", "l1"):
-            raise DfkdError(f"adv_loss must be 'kl' or 'l1', got {adv_loss!r}")
+        if adv_loss not in ("kl", "l1", "js"):
+            raise DfkdError(f"adv_loss must be 'kl', 'l1' or 'js', got {adv_loss!r}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
             self.generator = Generator(nz, ngf, h, c, self.num_classes if conditional else None).to(self.device)
@@ -78,6 +94,12 @@ class AdversarialGenerator(Synthesizer):
         self.w_bn, self.w_ce, self.w_ie, self.w_adv = map(float, (bn, ce, ie, adv))
         self.first_bn_multiplier = float(first_bn_multiplier)
         self.adv_loss = adv_loss
+        self.adv_mask = bool(adv_mask)
+        self.adv_clip = float(adv_clip) if adv_clip is not None else None
+        self.adv_warmup = int(adv_warmup)
+        self.adv_gate = float(adv_gate)
+        self.rounds = 0
+        self.agreement_ema: float | None = None  # running requested-class agreement of the g-steps
         self.jitter = int(jitter)
         self.prior_name = resolve_prior_name(teacher.model, prior) if self.w_bn > 0 else None
         self.w_cr, self.cr_temperature = float(cr), float(cr_temperature)
@@ -151,9 +173,34 @@ class AdversarialGenerator(Synthesizer):
         return {"generator": self.generator, **({"cr_head": self.cr_head} if self.cr_head is not None else {})}
 
     def _discrepancy(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Student–teacher discrepancy per the ``adv_*`` settings: per image, optionally clipped and
+        restricted to images where both pick the same class, averaged over the batch."""
+        s, t = s.float(), t.float()
         if self.adv_loss == "l1":
-            return F.l1_loss(s.float(), t.float())
-        return kd_loss(s, t, 1.0)
+            per = (s - t).abs().mean(1)
+        elif self.adv_loss == "js":
+            per = js_divergence(s, t, reduction="none")
+        else:
+            per = (F.softmax(t, 1) * (F.log_softmax(t, 1) - F.log_softmax(s, 1))).sum(1)
+        if self.adv_clip is not None:
+            per = per.clamp(max=self.adv_clip)
+        if self.adv_mask:
+            per = per * (s.argmax(1) == t.argmax(1)).float()
+        return per.mean()
+
+    def _adv_active(self, student: nn.Module | None) -> bool:
+        """Whether this round uses the adversarial term (weight, student, warm-up, agreement gate)."""
+        if self.w_adv <= 0 or student is None or self.rounds < self.adv_warmup:
+            return False
+        if self.adv_gate > 0 and self.conditional:
+            return self.agreement_ema is not None and self.agreement_ema >= self.adv_gate
+        return True
+
+    def _track_agreement(self, t: torch.Tensor, y: torch.Tensor | None) -> None:
+        if y is None:
+            return
+        acc = float((t.detach().argmax(1) == y).float().mean())
+        self.agreement_ema = acc if self.agreement_ema is None else 0.7 * self.agreement_ema + 0.3 * acc
 
     def _prior_context(self):
         kwargs = {"first_weight": self.first_bn_multiplier} if self.prior_name == "batchnorm" else {}
@@ -173,6 +220,8 @@ class AdversarialGenerator(Synthesizer):
                 handle.remove()
         target = y if y is not None else t.argmax(1)
         loss_ce = F.cross_entropy(t, target)
+        if self.adv_gate > 0:
+            self._track_agreement(t, y)
         loss_prior = prior.loss() if prior is not None else torch.zeros((), device=x.device)
         loss = self.w_ce * loss_ce + self.w_bn * loss_prior
         if self.w_ie > 0:
@@ -182,7 +231,8 @@ class AdversarialGenerator(Synthesizer):
         if use_adv:
             loss_adv = -self._discrepancy(student(xa), t)
             loss = loss + self.w_adv * loss_adv
-        parts = {"syn/ce": loss_ce, "syn/prior": loss_prior, "syn/adv": loss_adv}
+        parts = {"syn/ce": loss_ce, "syn/prior": loss_prior, "syn/adv": loss_adv,
+                 "syn/adv_on": torch.tensor(float(use_adv))}
         if self.w_cr > 0:
             loss_cr = self._contrastive(feats[0].flatten(1).float(), xa, prior)
             loss = loss + self.w_cr * loss_cr
@@ -194,27 +244,30 @@ class AdversarialGenerator(Synthesizer):
         t = self.teacher_logits(x)
         labels = y if y is not None else t.argmax(1)
         stats = {k: float(v.detach()) for k, v in parts.items()}
-        stats["syn/teacher_acc"] = float((t.argmax(1) == labels).float().mean())
+        stats.update(self.class_stats(t, labels))
         return SyntheticBatch(images=x, labels=labels, teacher_logits=t, stats=stats)
 
     def step(self, student: nn.Module | None = None) -> SyntheticBatch:
-        use_adv = self.w_adv > 0 and student is not None
         was_training = student.training if student is not None else False
-        if use_adv:
+        if student is not None:
             student.eval()
         self.generator.train()
         params = list(self.generator.parameters())
-        with self._prior_context() as prior:
-            for _ in range(self.g_steps):
-                z = self.randn(self.batch_size, self.nz)
-                y = self.sample_labels(self.batch_size) if self.conditional else None
-                loss, parts = self._objective(self.generator(z, y), y, prior, student, use_adv)
-                self.opt.zero_grad(set_to_none=True)
-                loss.backward(inputs=params + self._head_params())
-                self.opt.step()
-                self._head_step()
-        if use_adv:
-            student.train(was_training)
+        try:
+            with self._prior_context() as prior:
+                for _ in range(self.g_steps):
+                    use_adv = self._adv_active(student)
+                    z = self.randn(self.batch_size, self.nz)
+                    y = self.sample_labels(self.batch_size) if self.conditional else None
+                    loss, parts = self._objective(self.generator(z, y), y, prior, student, use_adv)
+                    self.opt.zero_grad(set_to_none=True)
+                    loss.backward(inputs=params + self._head_params())
+                    self.opt.step()
+                    self._head_step()
+        finally:
+            if student is not None:
+                student.train(was_training)
+        self.rounds += 1
         with torch.no_grad():  # same (train) mode as the steps above: BatchNorm uses batch statistics
             z = self.randn(self.batch_size, self.nz)
             y = self.sample_labels(self.batch_size) if self.conditional else None
@@ -227,12 +280,15 @@ class AdversarialGenerator(Synthesizer):
         if self.cr_head is not None:
             extra = {"cr_head": self.cr_head.state_dict(), "cr_opt": self.cr_opt.state_dict(), "cr_bank": self.cr_bank}
         return copy.deepcopy({**super().state_dict(), "generator": self.generator.state_dict(),
-                              "opt": self.opt.state_dict(), **extra})
+                              "opt": self.opt.state_dict(), "rounds": self.rounds,
+                              "agreement_ema": self.agreement_ema, **extra})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.generator.load_state_dict(state["generator"])
         self.opt.load_state_dict(state["opt"])
+        self.rounds = int(state.get("rounds", 0))
+        self.agreement_ema = state.get("agreement_ema")
         if self.cr_head is not None and "cr_head" in state:
             self.cr_head.load_state_dict(state["cr_head"])
             self.cr_opt.load_state_dict(state["cr_opt"])

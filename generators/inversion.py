@@ -8,16 +8,27 @@ Adam steps on
 where ``R_feature`` is the teacher's statistics prior (BatchNorm statistics for CNN teachers),
 ``aug`` is random jitter and optional flip, and the ADI term (when ``adi > 0`` and a student
 is given) pushes images to where student and teacher disagree.
+
+Where the optimisation happens is a choice (``space``): ``pixel`` optimises [0, 1] pixels started
+at 0.5 + ``init_std``·N(0, 1); ``normalized`` optimises the teacher's normalised input (the tensor the
+teacher's first layer sees) started at ``init_std``·N(0, 1), as NVIDIA's CIFAR-10 recipe does.
+``clamp`` keeps the variable inside the valid pixel range after every step (the returned images are
+always clamped to [0, 1]). ``tv_kind`` is ``l1`` (mean absolute neighbour difference) or ``norm``
+(sum of the L2 norms of four neighbour differences, the reference recipe's form).
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dfkd.augment import random_jitter
+from dfkd.errors import DfkdError
 from dfkd.losses import js_divergence, l2_prior, tv_prior
+from dfkd.losses.priors import tv_norm_prior
 from generators.base import SYNTHESIZERS, Synthesizer, SyntheticBatch
 
 
@@ -43,8 +54,16 @@ class DeepInversion(Synthesizer):
         jitter: int = 2,
         flip: bool = True,
         init_std: float = 0.2,
+        space: str = "pixel",
+        clamp: bool = True,
+        tv_kind: str = "l1",
+        betas: tuple = (0.5, 0.99),
     ):
         super().__init__(teacher, batch_size, seed, device)
+        if space not in ("pixel", "normalized"):
+            raise DfkdError(f"deepinversion space must be 'pixel' or 'normalized', got {space!r}")
+        if tv_kind not in ("l1", "norm"):
+            raise DfkdError(f"deepinversion tv_kind must be 'l1' or 'norm', got {tv_kind!r}")
         self.iterations = int(iterations)
         self.lr = float(lr)
         self.prior = prior
@@ -53,6 +72,8 @@ class DeepInversion(Synthesizer):
         self.jitter = int(jitter)
         self.flip = bool(flip)
         self.init_std = float(init_std)
+        self.space, self.clamp, self.tv_kind = space, bool(clamp), tv_kind
+        self.betas = tuple(float(b) for b in betas)
         # Fail at construction (not mid-run) when the prior does not fit the teacher.
         from dfkd.hooks import resolve_prior_name
 
@@ -61,41 +82,78 @@ class DeepInversion(Synthesizer):
     def _prior_kwargs(self) -> dict:
         return {"first_weight": self.first_bn_multiplier} if self.prior_name == "batchnorm" else {}
 
+    # -- the optimisation variable and its pixels ------------------------------------------------
+    def _scale(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = self.teacher.mean.to(v.device, v.dtype)
+        std = self.teacher.std.to(v.device, v.dtype)
+        return mean, std
+
+    def _init(self) -> torch.Tensor:
+        z = self.randn(self.batch_size, *self.input_size)
+        if self.space == "normalized":
+            v = self.init_std * z
+        else:
+            v = 0.5 + self.init_std * z
+        if self.clamp:
+            self._clamp_(v)
+        return v
+
+    def _pixels(self, v: torch.Tensor) -> torch.Tensor:
+        if self.space == "normalized":
+            mean, std = self._scale(v)
+            return v * std + mean
+        return v
+
+    @torch.no_grad()
+    def _clamp_(self, v: torch.Tensor) -> None:
+        if self.space == "normalized":
+            mean, std = self._scale(v)
+            v.copy_(torch.maximum(torch.minimum(v, (1 - mean) / std), -mean / std))
+        else:
+            v.clamp_(0, 1)
+
     def step(self, student: nn.Module | None = None) -> SyntheticBatch:
         labels = self.sample_labels(self.batch_size)
-        x = (0.5 + self.init_std * self.randn(self.batch_size, *self.input_size)).clamp_(0, 1)
-        x.requires_grad_(True)
-        opt = torch.optim.Adam([x], lr=self.lr, betas=(0.5, 0.99))
+        v = self._init().requires_grad_(True)
+        opt = torch.optim.Adam([v], lr=self.lr, betas=self.betas)
         use_adi = self.w_adi > 0 and student is not None
         was_training = student.training if student is not None else False
         if use_adi:
             student.eval()
+        tv_fn = tv_norm_prior if self.tv_kind == "norm" else tv_prior
         stats: dict[str, float] = {}
-        from contextlib import nullcontext
-
         ctx = self.teacher.statistics(self.prior_name, **self._prior_kwargs()) if self.prior_name else nullcontext()
-        with ctx as prior:
-            for it in range(self.iterations):
-                opt.zero_grad(set_to_none=True)
-                xa = random_jitter(x, self.jitter, self.cpu_rng)
-                if self.flip and torch.rand((), generator=self.cpu_rng) < 0.5:
-                    xa = xa.flip(3)
-                logits = self.teacher(xa)
-                loss_ce = F.cross_entropy(logits.float(), labels)
-                loss = self.w_ce * loss_ce + self.w_tv * tv_prior(x) + self.w_l2 * l2_prior(x)
-                loss_prior = prior.loss() if prior is not None else torch.zeros((), device=x.device)
-                loss = loss + self.w_bn * loss_prior
-                if use_adi:
-                    loss = loss - self.w_adi * js_divergence(logits, student(xa))
-                loss.backward(inputs=[x])  # never into the teacher's or student's grads
-                opt.step()
-                with torch.no_grad():
-                    x.clamp_(0, 1)
-            stats = {"syn/ce": float(loss_ce.detach()), "syn/prior": float(loss_prior.detach()),
-                     "syn/loss": float(loss.detach())}
-        if use_adi:
-            student.train(was_training)
-        x = x.detach()
+        try:
+            with ctx as prior:
+                for it in range(self.iterations):
+                    opt.zero_grad(set_to_none=True)
+                    va = random_jitter(v, self.jitter, self.cpu_rng)
+                    if self.flip and torch.rand((), generator=self.cpu_rng) < 0.5:
+                        va = va.flip(3)
+                    xa = self._pixels(va)
+                    logits = self.teacher(xa)
+                    loss_ce = F.cross_entropy(logits.float(), labels)
+                    loss = self.w_ce * loss_ce
+                    if self.w_tv:
+                        loss = loss + self.w_tv * tv_fn(v)
+                    if self.w_l2:
+                        # the norm of the variable around its centre (0.5 in pixels, 0 when normalised)
+                        loss = loss + self.w_l2 * (l2_prior(v) if self.space == "pixel" else l2_prior(v + 0.5))
+                    loss_prior = prior.loss() if prior is not None else torch.zeros((), device=v.device)
+                    loss = loss + self.w_bn * loss_prior
+                    if use_adi:
+                        loss = loss - self.w_adi * js_divergence(logits, student(xa))
+                    loss.backward(inputs=[v])  # never into the teacher's or student's grads
+                    opt.step()
+                    if self.clamp:
+                        self._clamp_(v)
+                if self.iterations:
+                    stats = {"syn/ce": float(loss_ce.detach()), "syn/prior": float(loss_prior.detach()),
+                             "syn/loss": float(loss.detach())}
+        finally:
+            if use_adi:
+                student.train(was_training)
+        x = self._pixels(v.detach()).clamp(0, 1)
         t = self.teacher_logits(x)
-        stats["syn/teacher_acc"] = float((t.argmax(1) == labels).float().mean())
+        stats.update(self.class_stats(t, labels))
         return SyntheticBatch(images=x, labels=labels, teacher_logits=t, stats=stats)

@@ -13,8 +13,6 @@ batches supplies the diversity the student trains on.
 from __future__ import annotations
 
 import copy
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -51,21 +49,23 @@ class FastMetaGenerator(AdversarialGenerator):
         cr_temperature: float = 0.1,
         cr_bank: int = 4096,
         cr_dim: int = 128,
+        adv_mask: bool = False,
+        adv_clip: float | None = None,
+        adv_gate: float = 0.0,
     ):
         super().__init__(teacher, batch_size, seed, device, nz=nz, ngf=ngf, conditional=conditional,
                          g_steps=g_steps, lr=lr, prior=prior, bn=bn, first_bn_multiplier=first_bn_multiplier,
                          ce=ce, ie=ie, adv=adv, adv_loss=adv_loss, jitter=jitter, cr=cr,
-                         cr_temperature=cr_temperature, cr_bank=cr_bank, cr_dim=cr_dim)
+                         cr_temperature=cr_temperature, cr_bank=cr_bank, cr_dim=cr_dim, adv_mask=adv_mask,
+                         adv_clip=adv_clip, adv_warmup=adv_warmup, adv_gate=adv_gate)
         self.lr, self.lr_z = float(lr), float(lr_z)
         self.meta_lr = float(meta_lr) if meta_lr is not None else self.lr * max(1, self.g_steps)
         # the meta optimiser replaces the plain generator optimiser of the parent
         self.opt = torch.optim.Adam(self.generator.parameters(), lr=self.meta_lr, betas=(0.5, 0.999))
-        self.adv_warmup = int(adv_warmup)
         self.label_noise = float(label_noise)
-        self.rounds = 0
 
     def step(self, student: nn.Module | None = None) -> SyntheticBatch:
-        use_adv = self.w_adv > 0 and student is not None and self.rounds >= self.adv_warmup
+        use_adv = self._adv_active(student)
         was_training = student.training if student is not None else False
         if student is not None:
             student.eval()
@@ -77,24 +77,26 @@ class FastMetaGenerator(AdversarialGenerator):
         opt = torch.optim.Adam([{"params": fast_params}, {"params": [z], "lr": self.lr_z}],
                                lr=self.lr, betas=(0.5, 0.999))
         best_loss, best_x, parts = None, None, {}
-        with self._prior_context() as prior:
-            for _ in range(self.g_steps):
-                x = fast(z, y)
-                loss, parts = self._objective(x, y, prior, student, use_adv)
-                opt.zero_grad(set_to_none=True)
-                loss.backward(inputs=fast_params + [z] + self._head_params())
-                opt.step()
-                self._head_step()
-                # keep the lowest-loss batch on the device: no host sync inside the adaptation loop
-                value = loss.detach()
-                if best_x is None:
-                    best_loss, best_x = value, x.detach()
-                else:
-                    better = value < best_loss
-                    best_loss = torch.where(better, value, best_loss)
-                    best_x = torch.where(better, x.detach(), best_x)
-        if student is not None:
-            student.train(was_training)
+        try:
+            with self._prior_context() as prior:
+                for _ in range(self.g_steps):
+                    x = fast(z, y)
+                    loss, parts = self._objective(x, y, prior, student, use_adv)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward(inputs=fast_params + [z] + self._head_params())
+                    opt.step()
+                    self._head_step()
+                    # keep the lowest-loss batch on the device: no host sync inside the adaptation loop
+                    value = loss.detach()
+                    if best_x is None:
+                        best_loss, best_x = value, x.detach()
+                    else:
+                        better = value < best_loss
+                        best_loss = torch.where(better, value, best_loss)
+                        best_x = torch.where(better, x.detach(), best_x)
+        finally:
+            if student is not None:
+                student.train(was_training)
         # first-order Reptile: the meta generator moves toward the adapted weights
         self.opt.zero_grad(set_to_none=True)
         for p, q in zip(self.generator.parameters(), fast.parameters()):
@@ -105,9 +107,3 @@ class FastMetaGenerator(AdversarialGenerator):
         self.rounds += 1
         return self._batch(best_x, y, parts)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "rounds": self.rounds}  # includes the CMI head and bank when cr > 0
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.rounds = int(state["rounds"])
