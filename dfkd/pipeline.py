@@ -230,6 +230,10 @@ def hardware() -> dict[str, Any]:
 
 def run_distill(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path) -> dict[str, Any]:
     """Everything ``dfkd-distill`` does: build, distil, evaluate, write the run folder."""
+    if str(_plain(cfg).get("task", "classification")) == "detection":
+        from dfkd.detection.run import run_detection
+
+        return run_detection(cfg, run_dir)
     from dfkd import dist as D
 
     t_start = time.perf_counter()
@@ -239,7 +243,10 @@ def run_distill(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path) -> dic
     seed = int(cfg["seed"])
     progress = bool(cfg.get("progress", True))
     # everything cheap to check is checked before the teacher (which may need training)
-    syn_cls, _, _ = check_synthesizer_cfg(cfg["synthesizer"])
+    syn_cls, syn_name, _ = check_synthesizer_cfg(cfg["synthesizer"])
+    from dfkd.detection.run import check_task
+
+    check_task(syn_cls, syn_name, "classification")
     tc = _plain(cfg["teacher"])
     need_train = getattr(syn_cls, "needs_real_data", False) or (tc.get("train_if_missing") and not tc.get("checkpoint"))
     data = load_data(cfg["data"], train=bool(need_train))
@@ -301,6 +308,10 @@ def run_distill(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path) -> dic
 
 
 def format_summary(summary: Mapping[str, Any], run_dir: Path) -> str:
+    if summary.get("task") == "detection":
+        from dfkd.detection.run import format_detection_summary
+
+        return format_detection_summary(summary, run_dir)
     rows = [
         ("teacher top-1", f"{summary['teacher_top1']:.4f}" if summary.get("teacher_top1") is not None else "-"),
         ("student top-1", f"{summary['student_top1']:.4f}" if summary.get("student_top1") is not None else "-"),
