@@ -13,14 +13,74 @@ from torch import nn
 
 from dfkd.errors import DfkdError
 
-_NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module", "net", "student")
+# nestings of a state dict inside a checkpoint, in order of preference: an EMA of the weights first (timm's
+# training script writes ``state_dict_ema`` beside ``state_dict``: the EMA is what it evaluates best)
+_NESTED_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "model_state_dict", "module", "net",
+                "student", "teacher", "weights", "params")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# prefixes of training frameworks' wrappers (Lightning's ``self.model``, ...), stripped only when that makes
+# the keys fit the model
+_FRAMEWORK_PREFIXES = ("model.", "net.", "network.", "teacher.", "student.", "backbone.", "encoder.", "module.")
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+class Checkpoint(dict):
+    """A state dict of tensors, with where it came from (``source``: the nesting used) and the plain values
+    the file held beside it (``meta``: e.g. a timm checkpoint's ``args`` as a dict, ``arch``, ``epoch``)."""
+
+    source: str = ""
+    meta: dict
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception:  # noqa: BLE001 - not a zip checkpoint, or an older torch
+        return []
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)``, also for files that hold an ``argparse.Namespace`` (timm's training
+    checkpoints: ``args``). Nothing a checkpoint names is ever executed."""
+    import argparse
+
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            names = [n for n in _unsafe_globals(path) if n != "argparse.Namespace"]
+            if names:
+                raise DfkdError(f"cannot read checkpoint {path} safely: it is a pickle that names code "
+                                f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); save its state_dict() "
+                                "(or a safetensors file) instead") from None
+            msg = str(e).strip()
+            if "Weights only load failed" in msg or "Unsupported global" in msg or "invalid load key" in msg \
+                    or "could not find MARK" in msg or "pickle" in msg.lower() or "zip" in msg.lower():
+                raise DfkdError(f"cannot read checkpoint {path}: not a torch checkpoint of tensors "
+                                "(a state dict, a timm or Lightning checkpoint, or safetensors)") from None
+            first = msg.splitlines()[0] if msg else type(e).__name__
+            raise DfkdError(f"cannot read checkpoint {path}: {first[:200]}") from None
+
+
+def _plain_meta(state: Mapping[str, Any]) -> dict:
+    import argparse
+
+    meta: dict = {}
+    for k, v in state.items():
+        if isinstance(v, argparse.Namespace):
+            meta[k] = dict(vars(v))
+        elif isinstance(v, (str, int, float, bool)) or v is None:
+            meta[k] = v
+        elif isinstance(v, Mapping) and k in ("hyper_parameters", "hparams", "args", "config", "cfg"):
+            meta[k] = {kk: vv for kk, vv in v.items() if isinstance(vv, (str, int, float, bool, list, tuple))}
+    return meta
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
     """Load a state dict from ``.safetensors`` or a torch file (``weights_only=True``).
 
-    Accepts a plain state dict, ``{'state_dict': ...}`` (and similar nestings) and strips
-    ``module.`` / ``_orig_mod.`` prefixes left by DataParallel/DDP and ``torch.compile``.
+    Accepts a plain state dict, timm training checkpoints (``state_dict_ema`` preferred over ``state_dict``),
+    Lightning ``.ckpt`` files, ``{'state_dict': ...}`` and similar nestings, and strips ``module.`` /
+    ``_orig_mod.`` prefixes left by DataParallel/DDP and ``torch.compile``.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -31,31 +91,57 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
             state: Any = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = _torch_load(path)
     except DfkdError:
         raise
-    except Exception as e:  # corrupt file, pickle with code objects, ...
+    except Exception as e:  # corrupt file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DfkdError(f"cannot read checkpoint {path}: {first}") from None
-    for key in _NESTED_KEYS:
-        if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
-            state = state[key]
-            break
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DfkdError(f"cannot read checkpoint {path}: {first[:200]}") from None
+    source, meta = "", {}
+    if isinstance(state, Mapping) and not all(isinstance(v, torch.Tensor) for v in state.values()):
+        meta = _plain_meta(state)
+        for key in _NESTED_KEYS:
+            if key in state and isinstance(state[key], Mapping) and state[key] \
+                    and all(isinstance(v, torch.Tensor) for v in state[key].values()):
+                state, source = state[key], key
+                break
+    if not isinstance(state, Mapping) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise DfkdError(f"checkpoint {path} does not hold a state dict of tensors")
-    out = {}
+    out = Checkpoint()
     for k, v in state.items():
-        for prefix in ("module.", "_orig_mod."):
+        for prefix in _WRAPPER_PREFIXES:
             while k.startswith(prefix):
                 k = k[len(prefix):]
         out[k] = v
+    out.source, out.meta = source, meta
     return out
 
 
-def load_checkpoint_into(model: nn.Module, path: str | Path) -> None:
-    """Load ``path`` into ``model`` strictly; a mismatch is a one-line :class:`DfkdError`."""
-    state = read_state_dict(path)
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """:func:`read_checkpoint` without the metadata."""
+    return dict(read_checkpoint(path))
+
+
+def _fit_prefix(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> tuple[dict, str]:
+    """The state as it is, or with a framework prefix stripped (and keys outside it dropped) when that
+    makes every model key present — e.g. a Lightning checkpoint of a module kept as ``self.model``."""
+    own_keys = {k for k in own if not k.endswith("num_batches_tracked")}
+    if own_keys <= set(state):
+        return dict(state), ""
+    for prefix in _FRAMEWORK_PREFIXES:
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if sub and own_keys <= set(sub):
+            return sub, prefix
+    return dict(state), ""
+
+
+def load_checkpoint_into(model: nn.Module, path: str | Path) -> Checkpoint:
+    """Load ``path`` into ``model`` strictly; a mismatch is a one-line :class:`DfkdError`.
+
+    Returns the checkpoint read (its ``source`` and ``meta`` say which weights were used)."""
+    ckpt = read_checkpoint(path)
     own = model.state_dict()
+    state, prefix = _fit_prefix(ckpt, own)
     # old checkpoints predate BatchNorm's num_batches_tracked counter: keep the model's own
     for k in own:
         if k.endswith("num_batches_tracked") and k not in state:
@@ -77,6 +163,9 @@ def load_checkpoint_into(model: nn.Module, path: str | Path) -> None:
             parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
         raise DfkdError(f"checkpoint {path} does not fit the model: {'; '.join(parts)}")
     model.load_state_dict(state, strict=True)
+    if prefix:
+        ckpt.source = f"{ckpt.source or 'state dict'} (prefix {prefix!r} stripped)"
+    return ckpt
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
