@@ -56,10 +56,40 @@ class Teacher(Normalized):
     when the model has BatchNorm layers, otherwise a prior that fits it, e.g. a ViT's).
     """
 
-    def __init__(self, model: nn.Module, mean, std, input_size, num_classes):
+    def __init__(self, model: nn.Module, mean, std, input_size, num_classes, spec=None):
         super().__init__(model, mean, std, input_size, num_classes)
+        self.spec = spec
         self.requires_grad_(False)
         self.eval()
+
+    @classmethod
+    def from_module(cls, model: nn.Module, *, input_size=None, num_classes=None, mean=None, std=None,
+                    interpolation=None, crop_pct=None, class_names=None, check: bool = True) -> "Teacher":
+        """Any trained ``nn.Module`` as a teacher. Fields not given come from the model itself (timm's
+        ``pretrained_cfg`` corrected by the built architecture, torchvision's documented transforms); a
+        field nobody gives is a one-line :class:`dfkd.errors.DfkdError`. ``check`` runs one forward pass
+        to make sure the model takes that input and gives ``num_classes`` outputs."""
+        from dfkd.spec import check_output_size, from_model, resolve_spec
+
+        given = {"input_size": input_size, "num_classes": num_classes, "mean": mean, "std": std,
+                 "interpolation": interpolation, "crop_pct": crop_pct, "class_names": class_names}
+        own, source = from_model(model)
+        spec = resolve_spec([("given", given), (source, own)])
+        if check:
+            check_output_size(model, spec)
+        return cls.from_spec(model, spec)
+
+    @classmethod
+    def from_spec(cls, model: nn.Module, spec) -> "Teacher":
+        return cls(model, spec.mean, spec.std, spec.input_size, spec.num_classes, spec=spec)
+
+    def metadata(self) -> dict:
+        meta = super().metadata()
+        if self.spec is not None:
+            meta.update({"interpolation": self.spec.interpolation, "crop_pct": self.spec.crop_pct})
+            if self.spec.class_names:
+                meta["class_names"] = list(self.spec.class_names)
+        return meta
 
     def train(self, mode: bool = True) -> "Teacher":
         # A teacher stays in eval mode: BatchNorm must use its running statistics.
