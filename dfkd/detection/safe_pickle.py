@@ -70,7 +70,18 @@ def _first_line(e: BaseException) -> str:
     return s.splitlines()[0] if s else type(e).__name__
 
 
+_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def _reason(e: BaseException) -> str:
+    """The informative line of a torch loading error (its weights-only advice left out)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith(_BOILERPLATE)] or lines
+    return lines[0] if lines else type(e).__name__
+
+
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
+MAX_NAMES = 256
 
 
 def checkpoint_globals(path: str | Path) -> list[str]:
@@ -100,19 +111,26 @@ def load_inert(path: str | Path, allowed: Callable[[str], bool], what: str = "ch
     if refused:
         raise DfkdError(f"refusing {what} {path}: it names {_list(refused)}, not on the allow-list of inert "
                         "classes (nothing was imported or run)")
-    stubs = [(stub_class(n), n) for n in names]
-    try:
-        with torch.serialization.safe_globals(stubs):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except DfkdError:
-        raise
-    except Exception as e:  # UnpicklingError for a name found only while loading, EOFError, zip errors
-        msg = _first_line(e)
-        m = _GLOBAL_RE.search(msg)
-        if m:
-            raise DfkdError(f"refusing {what} {path}: it names {m.group(1)}, not on the allow-list of inert "
-                            "classes (nothing was imported or run)") from None
-        raise DfkdError(f"cannot read {what} {path}: {msg}") from None
+    stubs = {n: stub_class(n) for n in names}
+    # a legacy (non-zip) file cannot be listed beforehand: each refused name that the allow-list
+    # accepts gets its stand-in and the load starts again (the refusal happens before anything of
+    # the name is looked up, so nothing runs in between)
+    for _ in range(MAX_NAMES):
+        try:
+            with torch.serialization.safe_globals([(c, n) for n, c in stubs.items()]):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except DfkdError:
+            raise
+        except Exception as e:  # UnpicklingError for a name found only while loading, EOFError, zip errors
+            m = _GLOBAL_RE.search(str(e))
+            if m is None:
+                raise DfkdError(f"cannot read {what} {path}: {_reason(e)}") from None
+            name = m.group(1)
+            if name in stubs or not allowed(name):
+                raise DfkdError(f"refusing {what} {path}: it names {name}, not on the allow-list of inert "
+                                "classes (nothing was imported or run)") from None
+            stubs[name] = stub_class(name)
+    raise DfkdError(f"refusing {what} {path}: it names more than {MAX_NAMES} classes")
 
 
 def _list(names: Iterable[str], n: int = 4) -> str:
