@@ -129,7 +129,7 @@ def train_diffusion(
                           prediction_type="epsilon", clip_sample=False)
     opt = torch.optim.AdamW(unet.parameters(), lr=float(lr), weight_decay=0.0)
     gen = torch.Generator().manual_seed(int(seed))
-    step, losses, wall_before = 0, [], 0.0
+    step, losses, wall_before, running = 0, [], 0.0, None
     state_path = out / STATE_FILE
     if state_path.is_file():
         try:
@@ -144,6 +144,8 @@ def train_diffusion(
         opt.load_state_dict(state["opt"])
         gen.set_state(state["rng"])
         step, losses, wall_before = int(state["step"]), list(state["losses"]), float(state["wall"])
+        running = state.get("running")  # the smoothed loss, so a resumed run logs what an unbroken one does
+        running = None if running is None else float(running)
         log.info("resuming diffusion training at step %d of %d", step, steps)
 
     x_all = images  # kept in its stored dtype; batches are converted on the fly
@@ -151,10 +153,11 @@ def train_diffusion(
     acp = sched.alphas_cumprod.to(device)
     null = int(num_classes)
 
-    def save_state(wall: float) -> None:
+    def save_state(wall: float, rng: Optional[torch.Tensor] = None) -> None:
         atomic_torch_save({"settings": settings, "unet": unet.state_dict(), "ema": ema.state_dict(),
-                           "opt": opt.state_dict(), "rng": gen.get_state(), "step": step, "losses": losses,
-                           "wall": wall}, state_path)
+                           "opt": opt.state_dict(), "rng": gen.get_state() if rng is None else rng,
+                           "step": step, "losses": losses,
+                           "running": running, "wall": wall}, state_path)
 
     bar = None
     if progress:
@@ -164,12 +167,16 @@ def train_diffusion(
     t0 = time.perf_counter()
     stopped_by_budget = False
     unet.train()
-    running = None
+    # An interrupt (Ctrl-C) before the step's update saves the state the step started from (the
+    # random state included), so the resumed run redoes that step exactly; one during the update
+    # keeps the last checkpoint, which is whole.
+    rng_at_step, updating = gen.get_state(), False
     try:
         while step < steps:
             if budget_seconds is not None and wall_before + time.perf_counter() - t0 >= budget_seconds:
                 stopped_by_budget = True
                 break
+            rng_at_step = gen.get_state()
             idx = torch.randint(len(x_all), (int(batch_size),), generator=gen)
             x0 = _to_unit(x_all[idx]).to(device) * 2 - 1
             y = y_all[idx].to(device)
@@ -189,6 +196,7 @@ def train_diffusion(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            updating = True
             opt.step()
             with torch.no_grad():
                 d = min(float(ema_decay), (1 + step) / (10 + step))
@@ -201,13 +209,15 @@ def train_diffusion(
             running = lv if running is None else 0.98 * running + 0.02 * lv
             if step % 50 == 0 or step == steps:
                 losses.append([step, running])
+            updating = False
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{running:.4f}")
             if checkpoint_every and step % int(checkpoint_every) == 0 and step < steps:
                 save_state(wall_before + time.perf_counter() - t0)
     except KeyboardInterrupt:
-        save_state(wall_before + time.perf_counter() - t0)
+        if not updating:
+            save_state(wall_before + time.perf_counter() - t0, rng=rng_at_step)
         raise
     finally:
         if bar is not None:
