@@ -78,6 +78,7 @@ class BoxInversion(Synthesizer):
     """DIODE-style pixel optimisation against a :class:`~dfkd.detection.models.DetectionTeacher`."""
 
     task = "detection"
+    default_kd_steps = 40  # an expensive batch: the student takes many steps on the memory per round
 
     def __init__(
         self,
@@ -134,39 +135,43 @@ class BoxInversion(Synthesizer):
         opt = torch.optim.Adam([x], lr=self.lr, betas=(0.5, 0.99))
         ctx = (self.teacher.statistics("batchnorm", first_weight=self.first_bn_multiplier)
                if self.w_bn > 0 else nullcontext())
-        stats: dict[str, float] = {}
         use_adi = self.w_adi > 0 and student is not None
-        head = {}
-        hook = (self.teacher.model.head.register_forward_hook(lambda m, i, o: head.__setitem__("t", o))
-                if use_adi else None)
-        loss_adi = None
-        with ctx as prior:
-            for _ in range(self.iterations):
-                opt.zero_grad(set_to_none=True)
-                if self.augment is not None:
-                    xa, ta = self.augment(x, targets, generator=self.cpu_rng)
-                else:
-                    xa, ta = x, targets
-                parts = self.teacher.loss(xa, ta)
-                loss_det = sum(parts.values())
-                loss_prior = prior.loss() if prior is not None else torch.zeros((), device=x.device)
-                loss = (self.w_det * loss_det + self.w_bn * loss_prior
-                        + self.w_tv * tv_prior(x) + self.w_l2 * l2_prior(x))
-                if use_adi:
-                    loss_adi = self._competition(head.pop("t"), head_outputs(student, xa))
-                    loss = loss - self.w_adi * loss_adi
-                loss.backward(inputs=[x])
-                opt.step()
-                with torch.no_grad():
-                    x.clamp_(0, 1)
-            if self.iterations:
-                stats = {f"syn/{k}": float(v.detach()) for k, v in parts.items()}
-                stats.update({"syn/det": float(loss_det.detach()), "syn/prior": float(loss_prior.detach()),
-                              "syn/loss": float(loss.detach())})
-                if loss_adi is not None:
-                    stats["syn/adi_js"] = float(loss_adi.detach())
-        if hook is not None:
-            hook.remove()
+        head: dict = {}
+        hook = None
+        sums: dict[str, torch.Tensor] = {}  # last iteration's losses, kept on the device (one sync per step)
+        try:  # the head hook and the prior's hooks are removed, and modes restored, on every exit path
+            if use_adi:
+                hook = self.teacher.model.head.register_forward_hook(lambda m, i, o: head.__setitem__("t", o))
+            with ctx as prior:
+                for _ in range(self.iterations):
+                    opt.zero_grad(set_to_none=True)
+                    if self.augment is not None:
+                        xa, ta = self.augment(x, targets, generator=self.cpu_rng)
+                    else:
+                        xa, ta = x, targets
+                    parts = self.teacher.loss(xa, ta)
+                    loss_det = sum(parts.values())
+                    loss_prior = prior.loss() if prior is not None else torch.zeros((), device=x.device)
+                    loss = (self.w_det * loss_det + self.w_bn * loss_prior
+                            + self.w_tv * tv_prior(x) + self.w_l2 * l2_prior(x))
+                    sums = {**{f"syn/{k}": v for k, v in parts.items()}, "syn/det": loss_det,
+                            "syn/prior": loss_prior}
+                    if use_adi:
+                        loss_adi = self._competition(head.pop("t"), head_outputs(student, xa))
+                        loss = loss - self.w_adi * loss_adi
+                        sums["syn/adi_js"] = loss_adi
+                    sums["syn/loss"] = loss
+                    loss.backward(inputs=[x])
+                    opt.step()
+                    with torch.no_grad():
+                        x.clamp_(0, 1)
+        finally:
+            if hook is not None:
+                hook.remove()
+        stats: dict[str, float] = {}
+        if sums:
+            values = torch.stack([v.detach().float() for v in sums.values()]).tolist()
+            stats = dict(zip(sums, values))
         x = x.detach()
         stats["syn/teacher_recall"] = teacher_recall(self.teacher, x, targets)
         if self.add_teacher_detections is not None:
@@ -216,3 +221,34 @@ class BoxNoise(Synthesizer):
                    for t in _teacher_targets(self.teacher, x, self.score_thresh)]
         n = sum(len(t["boxes"]) for t in targets)
         return SyntheticBatch(images=x, targets=targets, stats={"syn/boxes_per_image": n / max(1, len(x))})
+
+
+@SYNTHESIZERS.register("box_real")
+class BoxReal(Synthesizer):
+    """The detection real-data KD ceiling: random real images (``dataset[i]`` gives ``(image, target)`` or
+    an image; ground-truth boxes are ignored), resized to the teacher's input size when they differ."""
+
+    task = "detection"
+    needs_real_data = True
+
+    def __init__(self, teacher, dataset=None, batch_size: int = 32, seed: int = 0, device="cpu"):
+        if dataset is None or len(dataset) == 0:
+            from dfkd.errors import DfkdError
+
+            raise DfkdError("the real-image source needs a non-empty dataset")
+        super().__init__(teacher, batch_size, seed, device)
+        self.dataset = dataset
+
+    def step(self, student: nn.Module | None = None) -> SyntheticBatch:
+        import torch.nn.functional as F
+
+        c, h, w = self.input_size
+        idx = torch.randint(len(self.dataset), (self.batch_size,), generator=self.cpu_rng).tolist()
+        images = []
+        for i in idx:
+            item = self.dataset[i]
+            x = torch.as_tensor(item[0] if isinstance(item, (tuple, list)) else item, dtype=torch.float32)
+            if tuple(x.shape[-2:]) != (h, w):
+                x = F.interpolate(x[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+            images.append(x)
+        return SyntheticBatch(images=torch.stack(images).to(self.device))

@@ -16,7 +16,8 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from typing import Any, Callable, Iterable, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,17 @@ def _loader(data, batch_size: int, seed: int) -> Iterable:
     g = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, collate_fn=collate,
                                        generator=g, drop_last=len(data) > batch_size)
+
+
+@contextmanager
+def kept_modes(*modules: nn.Module) -> Iterator[None]:
+    """Restore every submodule's ``training`` flag on exit (normal or not)."""
+    modes = [(m, m.training) for module in modules for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def _optimizer(params, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -104,7 +116,7 @@ def train_detector(
     ``(images, targets, generator) -> (images, targets)``), or ``None``. Returns the model in eval mode.
     """
     device = torch.device(device)
-    model.to(device).train()
+    model.to(device)
     loader = _loader(data, batch_size, seed)
     if steps is None:
         try:
@@ -120,81 +132,47 @@ def train_detector(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, desc="train detector", unit="step", dynamic_ncols=True)
-    step, running = 0, {}
-    try:
-        while step < steps:
-            for images, targets in loader:
-                if step >= steps:
-                    break
-                images, targets = _augment_batch(list(images), list(targets), augment, g)
-                images = [x.to(device) for x in images]
-                targets = [{"boxes": t["boxes"].to(device).float(), "labels": t["labels"].to(device).long()}
-                           for t in targets]
-                losses = model(images, targets)
-                loss = sum(losses.values())
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                opt.step()
-                sched.step()
-                step += 1
-                for k, v in losses.items():
-                    running[k] = running.get(k, 0.0) + float(v.detach())
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-                if log_fn is not None and (step % log_every == 0 or step == steps):
-                    n = log_every if step % log_every == 0 else step % log_every
-                    log_fn({"step": step, "lr": sched.get_last_lr()[0], **{k: v / n for k, v in running.items()}})
-                if step % log_every == 0:
-                    running = {}
-    finally:
-        if bar is not None:
-            bar.close()
+    step, n, running = 0, 0, {}  # running sums stay on the device: one host sync per log interval
+    with kept_modes(model):
+        model.train()
+        try:
+            while step < steps:
+                for images, targets in loader:
+                    if step >= steps:
+                        break
+                    images, targets = _augment_batch(list(images), list(targets), augment, g)
+                    images = [x.to(device) for x in images]
+                    targets = [{"boxes": t["boxes"].to(device).float(), "labels": t["labels"].to(device).long()}
+                               for t in targets]
+                    losses = model(images, targets)
+                    loss = sum(losses.values())
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                    opt.step()
+                    sched.step()
+                    step += 1
+                    n += 1
+                    for k, v in {**losses, "loss": loss}.items():
+                        running[k] = running.get(k, 0.0) + v.detach()
+                    if bar is not None:
+                        bar.update(1)
+                    if step % log_every == 0 or step == steps:
+                        means = dict(zip(running, (torch.stack(list(running.values())) / n).tolist()))
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{means['loss']:.3f}")
+                        if log_fn is not None:
+                            log_fn({"step": step, "lr": sched.get_last_lr()[0],
+                                    **{k: v for k, v in means.items() if k != "loss"}})
+                        running, n = {}, 0
+        finally:
+            if bar is not None:
+                bar.close()
     return model.eval()
 
 
-# -- sources -------------------------------------------------------------------------------
-class RealImageSource:
-    """Random batches of real images for the real-data-KD ceiling; ground-truth boxes are ignored.
-
-    ``dataset[i]`` gives ``(image, target)`` or an image; images of another size are resized to
-    ``image_size`` when given.
-    """
-
-    uses_student = False
-    needs_real_data = True
-
-    def __init__(self, dataset, batch_size: int = 32, seed: int = 0, image_size: Optional[int] = None,
-                 device: torch.device | str = "cpu"):
-        if dataset is None or len(dataset) == 0:
-            raise DfkdError("the real-image source needs a non-empty dataset")
-        self.dataset, self.batch_size = dataset, int(batch_size)
-        self.image_size = image_size
-        self.device = torch.device(device)
-        self.rng = torch.Generator().manual_seed(int(seed))
-
-    def step(self, student: nn.Module | None = None) -> SyntheticBatch:
-        idx = torch.randint(len(self.dataset), (self.batch_size,), generator=self.rng).tolist()
-        images = []
-        for i in idx:
-            item = self.dataset[i]
-            x = item[0] if isinstance(item, (tuple, list)) else item
-            x = torch.as_tensor(x, dtype=torch.float32)
-            if self.image_size is not None and tuple(x.shape[-2:]) != (self.image_size, self.image_size):
-                x = F.interpolate(x[None], size=(self.image_size, self.image_size), mode="bilinear",
-                                  align_corners=False)[0]
-            images.append(x)
-        return SyntheticBatch(images=torch.stack(images).to(self.device))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"rng": self.rng.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rng.set_state(state["rng"])
-
-
+# -- memory ----------------------------------------------------------------------------------
 class ImageMemory:
     """A ring buffer of images stored as float16 (0: keep only the newest batch)."""
 
@@ -348,21 +326,17 @@ def distill_detector(
     (time to accuracy).
     """
     device = torch.device(device)
-    student.to(device).train()
+    student.to(device)
     teacher.to(device)
     if augment is True:
         augment = BoxAugment(flip=True, jitter=0.1, scale=0.1)
     opt = _optimizer([p for p in student.parameters() if p.requires_grad], "adamw", lr, weight_decay)
     memory = ImageMemory(memory_size, device)
     g = torch.Generator().manual_seed(int(seed) + 17)
-    hooks_t = hooks_s = None
     class_kd = float(class_kd)
-    if head_matching or class_kd > 0:
-        if not hasattr(teacher.model, "head") or not hasattr(student, "head"):
-            warnings.warn("head matching and class KD need torchvision detectors with a .head; skipped")
-            head_matching, class_kd = False, 0.0
-        else:
-            hooks_t, hooks_s = _HeadOutputs(teacher.model), _HeadOutputs(student)
+    if (head_matching or class_kd > 0) and not (hasattr(teacher.model, "head") and hasattr(student, "head")):
+        warnings.warn("head matching and class KD need torchvision detectors with a .head; skipped")
+        head_matching, class_kd = False, 0.0
     history: list[dict] = []
     evals: list[dict] = []
     synth_seconds, synth_images, step, rounds, spent = 0.0, 0, 0, 0, 0.0
@@ -386,100 +360,102 @@ def distill_detector(
                 "images_synthesized": synth_images, "step": step, "rounds": rounds,
                 "wall": time.perf_counter() - start}
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, initial=min(step, steps), desc="distill detector", unit="step", dynamic_ncols=True)
-
     def run_eval() -> None:
         if eval_fn is None:
             return
-        was = student.training
         flags = [p.requires_grad for p in student.parameters()]
-        student.eval()
-        with torch.no_grad():
+        with kept_modes(student), torch.no_grad():
+            student.eval()
             metrics = eval_fn(student)
-        student.train(was)
         for p, f in zip(student.parameters(), flags):  # e.g. an eval_fn that wraps it in a DetectionTeacher
             p.requires_grad_(f)
         evals.append({"step": step, "wall": round(time.perf_counter() - start, 3), **metrics})
-        if log_fn is not None:
+        if log_fn is not None and metrics:
             log_fn({"step": step, **{f"test/{k}": v for k, v in metrics.items()}})
 
-    try:
-        while step < steps:
-            wall = time.perf_counter() - start
-            if budget_seconds is not None and wall >= budget_seconds:
-                break
-            t0 = time.perf_counter()
-            batch = source.step(student if getattr(source, "uses_student", False) else None)
-            synth_seconds += time.perf_counter() - t0
-            synth_images += len(batch.images)
-            memory.add(batch.images)
-            student.train()
-            sums: dict[str, float] = {}
-            n_boxes = taken = 0
-            for _ in range(kd_steps_per_round):
-                if step >= steps:
+    bar = hooks_t = hooks_s = None
+    try:  # hooks removed and the modules' modes restored on every exit path
+        with kept_modes(student, teacher):
+            if head_matching or class_kd > 0:
+                hooks_t, hooks_s = _HeadOutputs(teacher.model), _HeadOutputs(student)
+            if progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=steps, initial=min(step, steps), desc="distill detector", unit="step",
+                           dynamic_ncols=True)
+            while step < steps:
+                wall = time.perf_counter() - start
+                if budget_seconds is not None and wall >= budget_seconds:
                     break
-                progress_frac = step / max(1, steps)
-                if budget_seconds:
-                    progress_frac = max(progress_frac, (time.perf_counter() - start) / budget_seconds)
-                for grp in opt.param_groups:
-                    grp["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(progress_frac, 1.0)))
-                x = memory.sample(batch_size, g)
-                if augment is not None:
-                    with torch.no_grad():
-                        x, _ = augment(x, None, generator=g)
-                    x = x.clamp(0, 1)
-                dets = teacher.detect(x, score_thresh) if hasattr(teacher, "detect") else teacher(x)
-                targets = pseudo_targets(dets, score_thresh)
-                n_boxes += sum(len(t["boxes"]) for t in targets)
-                losses = student(list(x.unbind(0)), targets)
-                loss = sum(losses.values())
-                parts = {k: float(v.detach()) for k, v in losses.items()}
-                if head_matching or class_kd > 0:
-                    if _same_geometry(hooks_s.out, hooks_t.out):
-                        if head_matching:
-                            lh = head_matching_loss(hooks_s.out, hooks_t.out)
-                            loss = loss + head_weight * lh
-                            parts["head"] = float(lh.detach())
-                        if class_kd > 0:
-                            lc = class_kd_loss(hooks_s.out, hooks_t.out, class_kd_temperature)
-                            loss = loss + class_kd * lc
-                            parts["class_kd"] = float(lc.detach())
-                    else:
-                        warnings.warn("head matching / class KD skipped: teacher and student heads differ in "
-                                      f"shape ({ {k: tuple(v.shape) for k, v in hooks_t.out.items()} } vs "
-                                      f"{ {k: tuple(v.shape) for k, v in hooks_s.out.items()} })")
-                        head_matching, class_kd = False, 0.0
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
-                opt.step()
-                step += 1
-                taken += 1
-                parts["loss"] = float(loss.detach())
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + v
+                t0 = time.perf_counter()
+                batch = source.step(student if getattr(source, "uses_student", False) else None)
+                synth_seconds += time.perf_counter() - t0
+                synth_images += len(batch.images)
+                memory.add(batch.images)
+                student.train()
+                sums: dict[str, torch.Tensor] = {}  # on the device: synced once per round (the log interval)
+                n_boxes = taken = 0
+                for _ in range(kd_steps_per_round):
+                    if step >= steps:
+                        break
+                    progress_frac = step / max(1, steps)
+                    if budget_seconds:
+                        progress_frac = max(progress_frac, (time.perf_counter() - start) / budget_seconds)
+                    for grp in opt.param_groups:
+                        grp["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(progress_frac, 1.0)))
+                    x = memory.sample(batch_size, g)
+                    if augment is not None:
+                        with torch.no_grad():
+                            x, _ = augment(x, None, generator=g)
+                        x = x.clamp(0, 1)
+                    dets = teacher.detect(x, score_thresh) if hasattr(teacher, "detect") else teacher(x)
+                    targets = pseudo_targets(dets, score_thresh)
+                    n_boxes += sum(len(t["boxes"]) for t in targets)
+                    losses = student(list(x.unbind(0)), targets)
+                    loss = sum(losses.values())
+                    parts = {k: v.detach() for k, v in losses.items()}
+                    if head_matching or class_kd > 0:
+                        if _same_geometry(hooks_s.out, hooks_t.out):
+                            if head_matching:
+                                lh = head_matching_loss(hooks_s.out, hooks_t.out)
+                                loss = loss + head_weight * lh
+                                parts["head"] = lh.detach()
+                            if class_kd > 0:
+                                lc = class_kd_loss(hooks_s.out, hooks_t.out, class_kd_temperature)
+                                loss = loss + class_kd * lc
+                                parts["class_kd"] = lc.detach()
+                        else:
+                            warnings.warn("head matching / class KD skipped: teacher and student heads differ in "
+                                          f"shape ({ {k: tuple(v.shape) for k, v in hooks_t.out.items()} } vs "
+                                          f"{ {k: tuple(v.shape) for k, v in hooks_s.out.items()} })")
+                            head_matching, class_kd = False, 0.0
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
+                    opt.step()
+                    step += 1
+                    taken += 1
+                    parts["loss"] = loss.detach()
+                    for k, v in parts.items():
+                        sums[k] = sums[k] + v.float() if k in sums else v.float()
+                    if bar is not None:
+                        bar.update(1)
+                    if eval_every and step % eval_every == 0 and step < steps:
+                        run_eval()
+                rounds += 1
+                n = max(1, taken)
+                means = dict(zip(sums, (torch.stack(list(sums.values())) / n).tolist())) if sums else {}
+                record = {"round": rounds, "step": step, "wall": round(time.perf_counter() - start, 3),
+                          "lr": opt.param_groups[0]["lr"], **{f"kd/{k}": v for k, v in means.items()},
+                          "kd/pseudo_boxes_per_image": n_boxes / max(1, n * batch_size), **batch.stats}
+                history.append(record)
+                if log_fn is not None:
+                    log_fn(record)
                 if bar is not None:
-                    bar.update(1)
-                if eval_every and step % eval_every == 0 and step < steps:
-                    run_eval()
-            rounds += 1
-            n = max(1, taken)
-            record = {"round": rounds, "step": step, "wall": round(time.perf_counter() - start, 3),
-                      "lr": opt.param_groups[0]["lr"], **{f"kd/{k}": v / n for k, v in sums.items()},
-                      "kd/pseudo_boxes_per_image": n_boxes / max(1, n * batch_size), **batch.stats}
-            history.append(record)
-            if log_fn is not None:
-                log_fn(record)
-            if bar is not None:
-                bar.set_postfix(loss=f"{record.get('kd/loss', 0.0):.3f}")
-            if checkpoint_fn is not None and checkpoint_every and rounds % checkpoint_every == 0:
-                checkpoint_fn(run_state())
+                    bar.set_postfix(loss=f"{record.get('kd/loss', 0.0):.3f}")
+                if checkpoint_fn is not None and checkpoint_every and rounds % checkpoint_every == 0:
+                    checkpoint_fn(run_state())
     except KeyboardInterrupt:
         if checkpoint_fn is not None:  # keep what the interrupted round finished
             checkpoint_fn(run_state())
