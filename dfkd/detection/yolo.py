@@ -513,3 +513,23 @@ def load_yolo(path: str | Path, image_size: int = 640, frozen: bool = True, **de
     if frozen:
         det.requires_grad_(False)
     return det
+
+
+def evaluate_yolo(detector: YOLODetector, dataset, batch_size: int = 8, device: torch.device | str = "cpu",
+                  max_images: Optional[int] = None, progress: bool = False) -> dict[str, Any]:
+    """COCO mAP (:func:`dfkd.eval.detection.evaluate_detector`) of ``detector`` at the mAP settings
+    (:meth:`YOLODetector.for_map`) on a ``DetectionDataset`` whose contiguous labels are the
+    detector's classes; adds ``seconds`` and ``images_per_second``."""
+    import time
+
+    from dfkd.eval.detection import evaluate_detector
+
+    if dataset.num_classes != detector.num_classes:
+        raise DfkdError(f"the detection set has {dataset.num_classes} classes but the YOLO model "
+                        f"{detector.num_classes}")
+    started = time.perf_counter()
+    result = evaluate_detector(detector.for_map().to(device), dataset, batch_size=batch_size, device=device,
+                               max_images=max_images, progress=progress)
+    result["seconds"] = time.perf_counter() - started
+    result["images_per_second"] = result["num_images"] / max(result["seconds"], 1e-9)
+    return result
