@@ -1,4 +1,4 @@
-"""scripts/finetune_detection.py: a distilled classification backbone fine-tuned for detection.
+"""dfkd-finetune-detection (dfkd.cli.finetune_detection): a distilled classification backbone fine-tuned for detection.
 
 Tiny digits canvas sets and tiny students; every run is a few optimizer steps on one CPU thread.
 """
@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, load_script, shared_data
+from conftest import ROOT, shared_data
 
-SCRIPT = ROOT / "scripts" / "finetune_detection.py"
+COMMAND = [sys.executable, "-m", "dfkd.cli.finetune_detection"]
 LUMA = torch.tensor([0.299, 0.587, 0.114])
 VIT_KW = {"num_classes": 10, "img_size": 8, "patch_size": 4, "in_chans": 1, "embed_dim": 32, "depth": 1,
           "num_heads": 2, "global_pool": "avg", "class_token": False}
@@ -24,7 +24,7 @@ VIT_KW = {"num_classes": 10, "img_size": 8, "patch_size": 4, "in_chans": 1, "emb
 
 def run_script(*args, timeout=240) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args), "--no-progress", "--threads", "1"],
+    return subprocess.run([*COMMAND, *map(str, args), "--no-progress", "--threads", "1"],
                           capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
 
 
@@ -40,8 +40,10 @@ def call(script, capsys, *args):
 
 @pytest.fixture(scope="module")
 def script():
-    """The script as a module, to call main(argv) in-process for the fast bad-input cases."""
-    return load_script("finetune_detection")
+    """The command's module, to call main(argv) in-process for the fast bad-input cases."""
+    from dfkd.cli import finetune_detection
+
+    return finetune_detection
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +90,7 @@ def check_metrics(out: Path, num_classes: int = 10) -> dict:
     assert {"map", "map50", "map75", "per_class", "hardware", "wall_seconds", "command"} <= set(m)
     assert 0.0 <= m["map"] <= m["map50"] <= 1.0
     assert len(m["per_class"]) <= num_classes and m["interrupted"] is None
-    assert "finetune_detection.py" in m["command"]
+    assert m["command"].startswith("dfkd-finetune-detection ")
     lines = (out / "history.jsonl").read_text().splitlines()
     assert lines and "loss" in json.loads(lines[-1])
     return m
@@ -183,7 +185,7 @@ def test_bad_input_in_a_real_process_is_one_line(canvases, tmp_path):
     """Exit 2 and one line on stderr, no traceback, from the script itself."""
     r = run_script("--backbone", tmp_path / "nope", "--train", canvases["train"], "--out", tmp_path / "o")
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == [f"finetune_detection: error: backbone not found: {tmp_path / 'nope'}"]
+    assert r.stderr.strip().splitlines() == [f"dfkd-finetune-detection: error: backbone not found: {tmp_path / 'nope'}"]
     assert not (tmp_path / "o").exists()
 
 
@@ -228,14 +230,14 @@ def test_bad_input_exits_2_with_one_line(case, message, canvases, small_cnn_run,
     rc, _, err = call(script, capsys, *args, "--out", tmp_path / "out")
     err = err.strip().splitlines()
     assert rc == 2
-    assert len(err) == 1 and err[0].startswith("finetune_detection: error: ") and message in err[0], err
+    assert len(err) == 1 and err[0].startswith("dfkd-finetune-detection: error: ") and message in err[0], err
     assert not (tmp_path / "out" / "detector.safetensors").exists()
 
 
 def test_ctrl_c_saves_and_exits_130(canvases, small_cnn_run, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(SCRIPT), "--backbone", str(small_cnn_run), "--train", str(canvases["train"]),
+    cmd = [*COMMAND, "--backbone", str(small_cnn_run), "--train", str(canvases["train"]),
            "--steps", "100000", "--batch-size", "4", "--log-every", "1", "--no-progress", "--threads", "1",
            "--out", str(out)]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

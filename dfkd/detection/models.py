@@ -294,12 +294,21 @@ def _canvas_transform(image_size: int, mean: Sequence[float], std: Sequence[floa
     from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
     class CanvasTransform(GeneralizedRCNNTransform):
-        """Normalises and batches; images already at the canvas size are not resized (and no RNG is used)."""
+        """Normalises, letterboxes to the square canvas and batches; images already at the canvas size are
+        not resized (and no RNG is used). Predicted boxes come back in the original image's pixels."""
 
         def resize(self, image, target=None):
             if max(image.shape[-2:]) == self.max_size:
                 return image, target
-            return super().resize(image, target)
+            return super().resize(image, target)  # longer side to the canvas size (boxes mapped back later)
+
+        def batch_images(self, images, size_divisible=32):
+            # letterbox: pad bottom/right to the square canvas (ViT backbones need their patch grid)
+            batch = super().batch_images(images, size_divisible)
+            h, w = batch.shape[-2:]
+            if h < self.max_size or w < self.max_size:
+                batch = torch.nn.functional.pad(batch, (0, max(0, self.max_size - w), 0, max(0, self.max_size - h)))
+            return batch
 
     return CanvasTransform(image_size, image_size, list(mean), list(std), size_divisible=size_divisible)
 

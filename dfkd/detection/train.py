@@ -25,7 +25,6 @@ from torch import nn
 
 from dfkd.detection.boxes import BoxAugment, hflip
 from dfkd.errors import DfkdError
-from generators.base import SyntheticBatch
 
 
 def collate(batch) -> tuple[list[torch.Tensor], list[dict]]:
