@@ -68,11 +68,20 @@ ORIGINAL_NAMES = {B.Conv: "models.common.Conv", B.C3: "models.common.C3", B.Bott
                   YOLOModel: "models.yolo.Model"}
 
 
-def _original_package():
+V8_NAMES = {B.Conv: "ultralytics.nn.modules.conv.Conv", B.Concat: "ultralytics.nn.modules.conv.Concat",
+            B.C2f: "ultralytics.nn.modules.block.C2f", B.Bottleneck: "ultralytics.nn.modules.block.Bottleneck",
+            B.SPPF: "ultralytics.nn.modules.block.SPPF", B.DFL: "ultralytics.nn.modules.block.DFL",
+            B.DetectV8: "ultralytics.nn.modules.head.Detect", YOLOModel: "ultralytics.nn.tasks.DetectionModel"}
+
+
+def _original_package(names=None):
     """Stand-ins for the original package's modules and classes (only ever used for writing)."""
-    mods = {n: types.ModuleType(n) for n in ("models", "models.common", "models.yolo")}
-    classes = {}
-    for cls, full in ORIGINAL_NAMES.items():
+    names = ORIGINAL_NAMES if names is None else names
+    mods, classes = {}, {}
+    for cls, full in names.items():
+        parts = full.split(".")
+        for k in range(1, len(parts)):
+            mods.setdefault(".".join(parts[:k]), types.ModuleType(".".join(parts[:k])))
         mod, name = full.rsplit(".", 1)
         classes[cls] = type(name, (cls,), {"__module__": mod, "__qualname__": name})
         setattr(mods[mod], name, classes[cls])
@@ -92,10 +101,10 @@ def as_original(model: YOLOModel, classes, half: bool = True, cfg=None) -> nn.Mo
     return m.half() if half else m
 
 
-def save_original_style(path: Path, monkeypatch, **entries) -> None:
+def save_original_style(path: Path, monkeypatch, names=None, **entries) -> None:
     """``torch.save`` of ``{"epoch", ..., **entries}`` with the stand-in package in ``sys.modules``
     only while saving; ``entries`` values are YOLOModels (converted) or plain values."""
-    mods, classes = _original_package()
+    mods, classes = _original_package(names)
     ck = {"epoch": -1, "best_fitness": None, "model": None, "ema": None, "optimizer": None, "date": "2022-02-22"}
     for k, v in entries.items():
         if isinstance(v, tuple):  # (model, options)
@@ -107,7 +116,7 @@ def save_original_style(path: Path, monkeypatch, **entries) -> None:
         for n, mod in mods.items():
             mp.setitem(sys.modules, n, mod)
         torch.save(ck, path)
-    assert "models" not in sys.modules
+    assert not any(n in sys.modules for n in mods)
 
 
 def write_original_style(model: YOLOModel, path: Path, monkeypatch, half: bool = True, cfg=None) -> None:
@@ -300,6 +309,22 @@ def test_ema_model_is_preferred(tmp_path, monkeypatch):
     assert not torch.equal(det.model.model[0].conv.weight, a.model[0].conv.weight)
 
 
+def test_v8_style_checkpoint_loads_strictly_and_reproduces_the_outputs(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = YOLOModel(TINY_V8).eval()
+    path = tmp_path / "v8.pt"
+    save_original_style(path, monkeypatch, names=V8_NAMES, model=(model, {"half": False}),
+                        train_args={"imgsz": 64}, version="8.0.0")
+    det = load_yolo(path, image_size=64)
+    assert "ultralytics" not in sys.modules and det.model.version == 8
+    assert "model.15.dfl.conv.weight" in det.model.state_dict()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(det.head_outputs(x), model(x)):
+            assert torch.allclose(a, b, atol=1e-6)
+    assert len(det.detect(x, conf_thres=0.0, max_det=7)[0]["boxes"]) == 7
+
+
 def test_weights_that_do_not_fit_the_description(tmp_path, monkeypatch):
     model = tiny_v5()
     wider = copy.deepcopy(TINY_V5)
@@ -404,7 +429,7 @@ def _yolov5n() -> Path:
         pytest.skip("DFKD_DATA not set: the shared YOLOv5n is not available")
     path = root / "teachers" / "yolov5n" / "yolov5n.pt"
     if not path.is_file():
-        pytest.skip(f"DFKD_DATA has no teachers/yolov5n/yolov5n.pt")
+        pytest.skip("DFKD_DATA has no teachers/yolov5n/yolov5n.pt")
     return path
 
 

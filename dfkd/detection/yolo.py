@@ -135,9 +135,9 @@ class YOLOModel(nn.Module):
             area = head.anchors.prod(-1).mean(-1)
             if (area[-1] - area[0]).sign() != (head.stride[-1] - head.stride[0]).sign():
                 head.anchors.copy_(head.anchors.flip(0))
-        head.init_biases() if self.version == 5 else self._init_v8_biases(probe)
+        head.init_biases() if self.version == 5 else self._init_v8_biases()
 
-    def _init_v8_biases(self, probe: int) -> None:
+    def _init_v8_biases(self) -> None:
         head = self.model[-1]
         for box, cls, s in zip(head.cv2, head.cv3, head.stride.tolist()):
             box[-1].bias.data[:] = 1.0

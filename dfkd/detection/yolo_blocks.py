@@ -9,7 +9,7 @@ head outputs; decoding lives in :mod:`dfkd.detection.yolo`.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -163,7 +163,7 @@ class Detect(nn.Module):
             out.append(y.view(b, self.na, self.no, h, w).permute(0, 1, 3, 4, 2).contiguous())
         return out
 
-    def init_biases(self, class_frequency: Optional[torch.Tensor] = None) -> None:
+    def init_biases(self) -> None:
         """Prior biases for a fresh head: about 8 objects per 640² image, classes near 0.6/nc."""
         for conv, s in zip(self.m, self.stride.tolist()):
             b = conv.bias.detach().view(self.na, -1)
