@@ -9,7 +9,8 @@ import torch
 from dfkd.detection.boxes import BoxAugment, sample_boxes
 from dfkd.detection.models import (DetectionTeacher, build_detector, detector_metadata, load_detector,
                                    save_detector)
-from dfkd.detection.train import RealImageSource, distill_detector, train_detector
+from dfkd.detection.train import distill_detector, train_detector
+from generators.box_inversion import BoxReal
 from dfkd.errors import DfkdError
 
 S = 32
@@ -323,7 +324,7 @@ def test_distill_detector_each_source(kind, trained, rects):
 
     teacher = DetectionTeacher(trained)
     if kind == "real":
-        source = RealImageSource(rects, batch_size=4, seed=0)
+        source = BoxReal(teacher, dataset=rects, batch_size=4, seed=0)
     elif kind == "box_inversion":
         source = build_synthesizer(kind, teacher=teacher, batch_size=4, iterations=2)
     else:
@@ -348,7 +349,7 @@ def test_distill_head_matching_skips_other_geometry(trained, rects):
     teacher = DetectionTeacher(trained)
     student = tiny_detector("resnet8_cifar", seed=2)
     with pytest.warns(UserWarning, match="class KD skipped: teacher and student heads differ"):
-        out = distill_detector(teacher, student, RealImageSource(rects, batch_size=2), steps=2, batch_size=2,
+        out = distill_detector(teacher, student, BoxReal(teacher, dataset=rects, batch_size=2), steps=2, batch_size=2,
                                kd_steps_per_round=2, head_matching=True, class_kd=1.0, progress=False)
     assert not out["head_matching"] and out["class_kd"] == 0.0 and out["steps"] == 2
 
@@ -381,7 +382,8 @@ def test_class_kd_loss_weights_the_teachers_objects():
 
 
 def test_distill_respects_budget(trained, rects):
-    out = distill_detector(DetectionTeacher(trained), tiny_detector(width=4), RealImageSource(rects, batch_size=2),
+    teacher = DetectionTeacher(trained)
+    out = distill_detector(teacher, tiny_detector(width=4), BoxReal(teacher, dataset=rects, batch_size=2),
                            steps=10_000, batch_size=2, kd_steps_per_round=1, budget_seconds=0.5, progress=False)
     assert 0 < out["steps"] < 10_000
 
