@@ -159,11 +159,11 @@ def main(argv=None) -> None:
     from dfkd.data.detection import build_canvas_benchmark, load_detection
     from dfkd.detection.boxes import BoxAugment
     from dfkd.detection.models import DetectionTeacher, build_detector, load_detector, save_detector
-    from dfkd.detection.train import RealImageSource, distill_detector, train_detector
+    from dfkd.detection.train import distill_detector, train_detector
     from dfkd.eval.detection import evaluate_detector
     from dfkd.models.checkpoint import atomic_write_bytes, atomic_write_json
     from dfkd.pipeline import hardware
-    from generators.box_inversion import BoxInversion, BoxNoise
+    from generators.box_inversion import BoxInversion, BoxNoise, BoxReal
 
     started = time.perf_counter()
     device = torch.device(args.device)
@@ -268,7 +268,7 @@ def main(argv=None) -> None:
                             score_thresh=args.score_thresh)
         if method == "box_inversion":
             return BoxInversion(teacher, seed=seed, device=device, **inv_kwargs)
-        return RealImageSource(train_ds, batch_size=args.source_batch, seed=seed, image_size=size, device=device)
+        return BoxReal(teacher, dataset=train_ds, batch_size=args.source_batch, seed=seed, device=device)
 
     budget = 60.0 * args.budget_minutes
     runs = []

@@ -298,3 +298,57 @@ def test_detector_config_holds_the_settings_defaults():
     cfg = composed("teacher=detector", "teacher.checkpoint=x")
     assert cfg.task.value == "detection" if hasattr(cfg.task, "value") else cfg.task == "detection"
     assert OmegaConf.to_container(cfg.detection) == dataclasses.asdict(DetectionSettings())
+
+
+def _write_voc(ds, root, difficult_first=False):
+    """The COCO-format dataset ``ds`` written as a Pascal VOC folder (1-based corners, as VOC has them)."""
+    import shutil
+
+    (root / "Annotations").mkdir(parents=True)
+    (root / "JPEGImages").mkdir()
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    gt = ds.coco().dataset
+    names = {c["id"]: c["name"] for c in gt["categories"]}
+    stems = []
+    for i, im in enumerate(gt["images"]):
+        shutil.copy(ds.image_root / im["file_name"], root / "JPEGImages" / im["file_name"])
+        objs = []
+        for k, a in enumerate(x for x in gt["annotations"] if x["image_id"] == im["id"]):
+            x, y, w, h = a["bbox"]
+            diff = int(difficult_first and i == 0 and k == 0)
+            objs.append(f"<object><name>{names[a['category_id']]}</name><difficult>{diff}</difficult><bndbox>"
+                        f"<xmin>{x + 1}</xmin><ymin>{y + 1}</ymin><xmax>{x + w}</xmax><ymax>{y + h}</ymax>"
+                        "</bndbox></object>")
+        stem = im["file_name"].rsplit(".", 1)[0]
+        stems.append(stem)
+        (root / "Annotations" / f"{stem}.xml").write_text(
+            f"<annotation><filename>{im['file_name']}</filename><size><width>{im['width']}</width>"
+            f"<height>{im['height']}</height><depth>3</depth></size>{''.join(objs)}</annotation>")
+    (root / "ImageSets" / "Main" / "val.txt").write_text("\n".join(stems[: len(stems) // 2]) + "\n")
+    return root
+
+
+def test_voc_folder_loads_and_evaluates_like_its_coco_source(setup, tmp_path):
+    from dfkd.data.detection import load_detection
+    from dfkd.detection.models import load_detector
+    from dfkd.detection.run import DetectionSettings, load_eval_set, score_detector
+
+    coco = load_detection(setup["val"])
+    voc_root = _write_voc(coco, tmp_path / "voc")
+    voc = load_detection(voc_root)
+    assert voc.classes == coco.classes and len(voc) == len(coco) and voc.num_boxes == coco.num_boxes
+    for i in range(len(coco)):
+        (a, ta), (b, tb) = coco[i], voc[i]
+        assert torch.equal(a, b) and torch.allclose(ta["boxes"], tb["boxes"]) and torch.equal(ta["labels"], tb["labels"])
+    teacher = load_detector(setup["teacher"])
+    s = DetectionSettings()
+    via_voc = score_detector(teacher, load_eval_set({"name": "voc", "path": str(voc_root)}, None, 1), s, "cpu")
+    via_coco = score_detector(teacher, load_eval_set({"name": "coco", "path": str(setup["val"])}, None, 1), s, "cpu")
+    assert via_voc["map"] == pytest.approx(via_coco["map"]) and via_voc["map50"] == pytest.approx(via_coco["map50"])
+    assert via_voc["num_images"] == len(coco)
+    assert len(load_detection(voc_root, split="val")) == len(coco) // 2
+    # a difficult object is a crowd region: not a training target, ignored when scoring
+    hard = load_detection(_write_voc(coco, tmp_path / "voc_hard", difficult_first=True))
+    assert len(hard[0][1]["boxes"]) == len(coco[0][1]["boxes"]) - 1
+    with pytest.raises(DfkdError, match="no split 'test'"):
+        load_detection(voc_root, split="test")

@@ -222,7 +222,7 @@ def collate_detection(batch):
 
 # -- loading ------------------------------------------------------------------------------
 def load_detection(path: str | Path, split: Optional[str] = None, cache: Optional[bool] = None) -> DetectionDataset:
-    """A COCO json file, a folder holding one, or a YOLO folder, as a :class:`DetectionDataset`.
+    """A COCO json file, a folder holding one, a YOLO folder or a Pascal VOC folder, as a :class:`DetectionDataset`.
 
     ``split`` picks ``images/<split>`` of a YOLO folder (needed when it has several) or, for a
     folder of several COCO jsons, the one whose name contains it.
@@ -236,6 +236,8 @@ def load_detection(path: str | Path, split: Optional[str] = None, cache: Optiona
         return _load_coco_json(path, cache)
     if (path / "labels").is_dir() and (path / "images").is_dir():
         return _load_yolo(path, split, cache)
+    if (path / "Annotations").is_dir():
+        return _load_voc(path, split, cache)
     jsons = sorted(path.glob("*.json")) or sorted((path / "annotations").glob("*.json"))
     if split is not None and len(jsons) > 1:
         jsons = [j for j in jsons if split in j.stem] or jsons
@@ -246,8 +248,8 @@ def load_detection(path: str | Path, split: Optional[str] = None, cache: Optiona
     if len(jsons) > 1:
         raise DfkdError(f"{path} holds several COCO jsons ({', '.join(j.name for j in jsons)}): "
                         "pass the file itself or split=")
-    raise DfkdError(f"unknown detection format in {path}: expected a COCO json, or images/ and labels/ "
-                    "folders with a YOLO *.yaml")
+    raise DfkdError(f"unknown detection format in {path}: expected a COCO json, images/ and labels/ "
+                    "folders with a YOLO *.yaml, or a Pascal VOC folder (Annotations/*.xml, JPEGImages/)")
 
 
 def _image_root_for(json_path: Path, first_file: str) -> Optional[Path]:
@@ -382,6 +384,92 @@ def _load_yolo(root: Path, split: Optional[str], cache: Optional[bool]) -> Detec
             "categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)]}
     name = f"{root}" + (f" [{split}]" if split else "")
     return DetectionDataset(coco, img_dir, name=name, cache=cache)
+
+
+VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+               "tvmonitor")
+
+
+def _voc_objects(xml_path: Path) -> tuple[Optional[str], Optional[tuple[int, int]], list[tuple[str, list[float], int]]]:
+    """(file name, (width, height), [(class name, [xmin, ymin, xmax, ymax], difficult), ...]) of one VOC XML."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.parse(xml_path).getroot()
+    except (ET.ParseError, OSError) as e:
+        raise DfkdError(f"cannot read {xml_path}: {_first_line(e)}") from None
+
+    def text(node, tag):
+        child = node.find(tag)
+        return None if child is None or child.text is None else child.text.strip()
+
+    size = root.find("size")
+    wh = None
+    if size is not None and text(size, "width") and text(size, "height"):
+        wh = (int(float(text(size, "width"))), int(float(text(size, "height"))))
+    objects = []
+    for obj in root.iter("object"):
+        name, bb = text(obj, "name"), obj.find("bndbox")
+        if not name or bb is None:
+            raise DfkdError(f"{xml_path}: an <object> without <name> or <bndbox>")
+        try:
+            box = [float(text(bb, k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+        except (TypeError, ValueError):
+            raise DfkdError(f"{xml_path}: object {name!r} has a bndbox without numeric xmin/ymin/xmax/ymax") from None
+        objects.append((name, box, int(float(text(obj, "difficult") or 0))))
+    return text(root, "filename"), wh, objects
+
+
+def _load_voc(root: Path, split: Optional[str], cache: Optional[bool]) -> DetectionDataset:
+    """A Pascal VOC folder: ``Annotations/*.xml`` and ``JPEGImages/``, optionally ``ImageSets/Main/<split>.txt``.
+
+    Classes: the 20 VOC classes in their usual order when every name is one of them, else the sorted
+    names found. Boxes use VOC's 1-based pixel corners (``xmin - 1``, ``ymin - 1`` become the COCO
+    origin). ``difficult`` objects are kept as crowd regions: not training targets, and ignored by COCOeval.
+    """
+    ann_dir, img_dir = root / "Annotations", root / "JPEGImages"
+    if split is not None:
+        lst = root / "ImageSets" / "Main" / f"{split}.txt"
+        if not lst.is_file():
+            raise DfkdError(f"no split {split!r} in {root} (expected {lst.relative_to(root)})")
+        stems = [line.split()[0] for line in lst.read_text().splitlines() if line.strip()]
+        xmls = [ann_dir / f"{s}.xml" for s in stems]
+        missing = [x for x in xmls if not x.is_file()]
+        if missing:
+            raise DfkdError(f"{lst.name} names {len(missing)} image(s) without an annotation, e.g. {missing[0].name}")
+    else:
+        xmls = sorted(ann_dir.glob("*.xml"))
+    if not xmls:
+        raise DfkdError(f"no annotations in {ann_dir}")
+    parsed = []
+    for x in xmls:
+        fname, wh, objects = _voc_objects(x)
+        f = img_dir / (fname or "")
+        if not fname or not f.is_file():
+            cands = [p for p in img_dir.glob(x.stem + ".*") if p.suffix.lower() in IMAGE_EXTENSIONS]
+            if not cands:
+                raise DfkdError(f"{x.name}: no image {fname or x.stem} in {img_dir}")
+            f = cands[0]
+        parsed.append((f, wh or _image_size(f), objects))
+    names = sorted({o[0] for _, _, objs in parsed for o in objs})
+    if set(names) <= set(VOC_CLASSES):
+        names = list(VOC_CLASSES)
+    if not names:
+        raise DfkdError(f"{root}: no objects in any annotation (class names unknown)")
+    label = {n: i + 1 for i, n in enumerate(names)}
+    images, annotations = [], []
+    for iid, (f, (w, h), objects) in enumerate(parsed, start=1):
+        images.append({"id": iid, "file_name": str(f.relative_to(img_dir)), "width": w, "height": h})
+        for name, (x1, y1, x2, y2), difficult in objects:
+            x1, y1 = x1 - 1.0, y1 - 1.0
+            box = [x1, y1, max(0.0, x2 - x1), max(0.0, y2 - y1)]
+            annotations.append({"id": len(annotations) + 1, "image_id": iid, "category_id": label[name],
+                                "bbox": box, "area": box[2] * box[3], "iscrowd": int(bool(difficult))})
+    coco = {"info": {"description": f"converted from Pascal VOC folder {root.name}" + (f" ({split})" if split else "")},
+            "images": images, "annotations": annotations,
+            "categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)]}
+    return DetectionDataset(coco, img_dir, name=f"{root}" + (f" [{split}]" if split else ""), cache=cache)
 
 
 # -- canvas builder -----------------------------------------------------------------------
