@@ -211,6 +211,16 @@ def make_scheduler(kind: str, config: dict):
     return cls.from_config({**cfg, **extra})
 
 
+def check_model_path(path: Any, synthesizer: str, what: str) -> Path:
+    """``synthesizer.path`` given (not empty, not an unfilled ``???``) and present on disk."""
+    if path is None or str(path).strip() in ("", "???"):
+        raise DfkdError(f"the {synthesizer!r} synthesizer needs synthesizer.path={what}")
+    p = Path(str(path)).expanduser()
+    if not p.exists():
+        raise DfkdError(f"synthesizer.path not found: {p} (the {synthesizer!r} synthesizer reads {what})")
+    return p
+
+
 @SYNTHESIZERS.register("diffusion")
 class DiffusionSynthesizer(Synthesizer):
     """Teacher-guided sampling from a local diffusers model.
@@ -228,6 +238,11 @@ class DiffusionSynthesizer(Synthesizer):
 
     uses_student = True
 
+    @classmethod
+    def check_settings(cls, settings: dict) -> None:
+        """Cheap checks of the settings, run before the teacher is built (which may mean training it)."""
+        check_model_path(settings.get("path"), "diffusion", "MODEL_DIR (a local diffusers folder)")
+
     def __init__(self, teacher, path: Optional[str] = None, batch_size: int = 128, seed: int = 0,
                  device="cpu", steps: int = 20, scheduler: str = "ddim", eta: float = 0.0,
                  guidance: float = 1.0, guidance_start: float = 0.0, ce: float = 1.0, bn: float = 0.0,
@@ -235,8 +250,7 @@ class DiffusionSynthesizer(Synthesizer):
                  class_map: Optional[Sequence[int]] = None, min_confidence: float = 0.0,
                  max_rounds: int = 3, label_source: str = "target", class_names: Optional[Sequence[str]] = None,
                  prompt: str = "a photo of a {name}", negative_prompt: str = ""):
-        if not path:
-            raise DfkdError("the 'diffusion' synthesizer needs synthesizer.path=MODEL_DIR (a local diffusers folder)")
+        self.check_settings({"path": path})
         super().__init__(teacher, batch_size, seed, device)
         self.model = load_diffusion(path, self.device)
         self.steps = int(steps)

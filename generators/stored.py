@@ -28,12 +28,20 @@ class StoredSynthesizer(Synthesizer):
 
     needs_real_data = False
 
-    def __init__(self, teacher=None, path: Optional[str] = None, batch_size: int = 64, seed: int = 0,
-                 device="cpu", logits: str = "stored", verify: bool = True):
-        if not path:
-            raise DfkdError("the 'stored' synthesizer needs synthesizer.path=DATASET (a dfkd-synthesize folder)")
+    @classmethod
+    def check_settings(cls, settings: dict) -> None:
+        """Cheap checks of the settings, run before the teacher is built (which may mean training it)."""
+        from generators.diffusion import check_model_path
+
+        p = check_model_path(settings.get("path"), "stored", "DATASET (a dfkd-synthesize folder)")
+        SyntheticStore(p, verify=False)  # reads manifest.json only: a folder that is no dataset fails here
+        logits = settings.get("logits", "stored")
         if logits not in ("stored", "teacher"):
             raise DfkdError(f"synthesizer.logits must be 'stored' or 'teacher', got {logits!r}")
+
+    def __init__(self, teacher=None, path: Optional[str] = None, batch_size: int = 64, seed: int = 0,
+                 device="cpu", logits: str = "stored", verify: bool = True):
+        self.check_settings({"path": path, "logits": logits})
         self.store = SyntheticStore(path, verify=verify)
         if teacher is not None:
             self.store.check_teacher(teacher)

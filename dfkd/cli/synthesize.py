@@ -2,7 +2,8 @@
 
     dfkd-synthesize output=synthetic/digits_di num_images=2000            # DeepInversion, digits teacher
     dfkd-synthesize output=DIR synthesizer=adversarial budget_minutes=30   # stop after a time budget
-    torchrun --nproc_per_node 4 -m dfkd.cli.synthesize output=DIR          # ranks write disjoint shards
+    torchrun --nproc_per_node 4 -m dfkd.cli.synthesize output=DIR          # ranks write disjoint shards;
+                                                                           # rank 0 trains the teacher
     dfkd-synthesize output=DIR import_folder=IMAGES                        # import class/xxx.png, teacher labels
 
 Run the same command again to resume: finished shards are kept, the rest are made with the
@@ -23,7 +24,8 @@ from dfkd.cli.common import hydra_app
 
 def run_synthesize(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """Everything ``dfkd-synthesize`` does; returns a summary."""
-    from dfkd.data.store import IMAGE_DTYPES, StoreWriter, dist_rank_world, import_image_folder, teacher_identity
+    from dfkd import dist as D
+    from dfkd.data.store import IMAGE_DTYPES, StoreWriter, import_image_folder, teacher_identity
     from dfkd.errors import DfkdError
     from dfkd.pipeline import _plain, build_synthesizer_from_cfg, build_teacher, check_synthesizer_cfg, load_data, \
         setup_runtime
@@ -37,10 +39,19 @@ def run_synthesize(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     data = load_data(cfg["data"])
     syn = _plain(cfg["synthesizer"])
     if not cfg.get("import_folder"):
-        check_synthesizer_cfg(syn)
+        syn_cls, _, syn_kw = check_synthesizer_cfg(syn)
         if syn.get("name") == "stored":
             raise DfkdError("dfkd-synthesize writes new datasets; synthesizer=stored only reads one")
-    teacher = build_teacher(cfg["teacher"], data, device, seed=seed, progress=progress)
+        if hasattr(syn_cls, "check_settings"):  # e.g. a missing synthesizer.path, before the teacher
+            syn_cls.check_settings(syn_kw)
+    rank, world = D.rank(), D.world_size()
+    # under torchrun, rank 0 builds (on a cold cache: trains and caches) the teacher while the
+    # others wait; they then load the cached one
+    if rank != 0:
+        D.barrier()
+    teacher = build_teacher(cfg["teacher"], data, device, seed=seed, progress=progress and rank == 0)
+    if rank == 0:
+        D.barrier()
     spec = {
         "teacher": teacher_identity(teacher, _plain(cfg["teacher"])["model"]),
         "synthesizer": {"name": syn.get("name"), "config": syn},
@@ -54,7 +65,6 @@ def run_synthesize(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
         manifest = import_image_folder(cfg["import_folder"], out, spec, teacher=teacher, device=device)
         return {"output": str(out), "count": manifest["count"], "complete": True,
                 "wall_seconds": time.perf_counter() - t0, "made_this_run": manifest["count"]}
-    rank, world = dist_rank_world()
 
     def make_synth(shard_seed: int):
         return build_synthesizer_from_cfg(syn, teacher, data, shard_seed, device)
@@ -64,6 +74,9 @@ def run_synthesize(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     res = writer.run(make_synth, teacher, device=device, rank=rank, world=world,
                      budget_minutes=cfg.get("budget_minutes"), progress=progress)
     m = res["manifest"]
+    if world > 1:  # every rank's shards are written: rank 0 writes the manifest (again, with all of them)
+        D.barrier()
+        m = writer.finalize(complete=True, wall_seconds=res["wall_seconds"]) if rank == 0 else None
     return {"output": str(out), "rank": rank, "world_size": world,
             "count": m["count"] if m else None, "num_images": writer.num_images,
             "complete": bool(m and m["complete"]), "made_this_run": res["made_this_run"],
@@ -71,9 +84,14 @@ def run_synthesize(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
 
 
 def task(cfg: DictConfig) -> dict:
-    summary = run_synthesize(cfg)
+    from dfkd import dist as D
+
+    try:
+        summary = run_synthesize(cfg)
+    finally:
+        D.cleanup()
     if summary.get("count") is None:
-        print(f"rank {summary['rank']}: wrote its shards of {summary['output']}; the last rank writes manifest.json")
+        print(f"rank {summary['rank']}: wrote its shards of {summary['output']}; rank 0 writes manifest.json")
     else:
         state = "complete" if summary["complete"] else "incomplete (run the same command again to continue)"
         print(f"dataset {summary['output']}: {summary['count']} images, {state}; "
