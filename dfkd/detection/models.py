@@ -269,6 +269,13 @@ def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
     state = read_state_dict(path)
     own = target.state_dict()
     state = {k: v for k, v in state.items() if k in own or not k.startswith(_CLASSIFIER_PREFIXES)}
+    load_fitting(target, state, f"backbone checkpoint {path} does not fit the backbone")
+
+
+def load_fitting(target: nn.Module, state: dict, what: str) -> None:
+    """``target.load_state_dict(state, strict=True)`` after a check that says, in one line starting with
+    ``what``, how many keys are missing, unexpected or of another shape (missing BatchNorm counters are kept)."""
+    own = target.state_dict()
     for k in own:
         if k.endswith("num_batches_tracked") and k not in state:
             state[k] = own[k]
@@ -285,7 +292,7 @@ def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
             parts.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
-        raise DfkdError(f"backbone checkpoint {path} does not fit the backbone: {'; '.join(parts)}")
+        raise DfkdError(f"{what}: {'; '.join(parts)}")
     target.load_state_dict(state, strict=True)
 
 

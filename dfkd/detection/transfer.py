@@ -175,7 +175,7 @@ def load_student_weights(body, path: Path, spec: BackboneSpec) -> list[str]:
     """
     import torch
 
-    from dfkd.detection.models import _CLASSIFIER_PREFIXES, ViTBody
+    from dfkd.detection.models import _CLASSIFIER_PREFIXES, ViTBody, load_fitting
     from dfkd.models.checkpoint import read_state_dict
 
     state = read_state_dict(path)
@@ -207,25 +207,8 @@ def load_student_weights(body, path: Path, spec: BackboneSpec) -> list[str]:
         state["pos_embed"] = resample_abs_pos_embed(pe.float(), list(body.grid), list(old),
                                                     num_prefix_tokens=npt).to(own["pos_embed"].dtype)
         notes.append(f"pos_embed resampled from a {old[0]}x{old[1]} to a {body.grid[0]}x{body.grid[1]} patch grid")
-    for k in own:
-        if k.endswith("num_batches_tracked") and k not in state:
-            state[k] = own[k]
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shape = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or shape:
-        parts = []
-        if shape:
-            k = shape[0]
-            parts.append(f"{len(shape)} shape mismatch(es), e.g. {k}: checkpoint {tuple(state[k].shape)} "
-                         f"vs backbone {tuple(own[k].shape)}")
-        if missing:
-            parts.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
-        raise DfkdError(f"backbone checkpoint {path} does not fit backbone {spec.detector_backbone!r}: "
-                         f"{'; '.join(parts)} (check backbone_name / backbone_kwargs)")
-    target.load_state_dict(state, strict=True)
+    load_fitting(target, state, f"backbone checkpoint {path} does not fit backbone {spec.detector_backbone!r} "
+                                "(check --backbone-name / --backbone-kwargs)")
     return notes
 
 
