@@ -10,7 +10,7 @@ scalar with :meth:`StatisticsPrior.loss`. Hooks live only inside the ``with`` bl
 
 from __future__ import annotations
 
-from typing import Callable, List
+from typing import Callable, List, Mapping
 
 import torch
 from torch import nn
@@ -119,11 +119,58 @@ PRIORS: Registry[StatisticsPrior] = Registry("statistics prior")
 PRIORS.register("batchnorm")(BatchNormPrior)
 
 
-def resolve_prior_name(model: nn.Module, kind: str = "auto") -> str:
-    """Pick the prior for ``model``: ``auto`` takes BatchNorm statistics where there are any."""
-    if kind != "auto":
-        PRIORS.get(kind)(model)  # raises: unknown name (with close matches), or a prior that does not fit
-        return kind
+def parse_prior_spec(kind) -> tuple[str, dict]:
+    """``"name"``, ``"name(key=value, ...)"`` or a mapping ``{"name": ..., key: value}`` → (name, kwargs).
+    Values are read as YAML scalars (numbers, booleans, strings)."""
+    if isinstance(kind, Mapping):
+        kw = {str(k): (dict(v) if isinstance(v, Mapping) else v) for k, v in kind.items()}
+        if "name" not in kw:
+            raise DfkdError(f"a prior given as a mapping needs a 'name' key, got {sorted(kw)}")
+        return str(kw.pop("name")), kw
+    kind = str(kind).strip()
+    if "(" not in kind:
+        return kind, {}
+    if not kind.endswith(")"):
+        raise DfkdError(f"cannot read the prior {kind!r}: expected name(key=value, ...)")
+    import yaml
+
+    name, _, body = kind[:-1].partition("(")
+    kw = {}
+    items, depth, cur = [], 0, ""
+    for ch in body:  # split at top-level commas (values may be {...} / [...] YAML flow collections)
+        depth += ch in "{[(" and 1 or (-1 if ch in "}])" else 0)
+        if ch == "," and depth == 0:
+            items.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    items.append(cur)
+    for item in filter(None, (x.strip() for x in items)):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise DfkdError(f"cannot read {item!r} in the prior {kind!r}: expected key=value")
+        try:
+            kw[key.strip()] = yaml.safe_load(value.strip())
+        except yaml.YAMLError:
+            raise DfkdError(f"cannot read the value of {key.strip()!r} in the prior {kind!r}") from None
+    return name.strip(), kw
+
+
+def _spec(name: str, kwargs: dict) -> str:
+    return name if not kwargs else f"{name}({', '.join(f'{k}={v}' for k, v in kwargs.items())})"
+
+
+def resolve_prior_name(model: nn.Module, kind="auto") -> str:
+    """Pick the prior for ``model``: ``auto`` takes BatchNorm statistics where there are any. A prior with
+    arguments (``"vit_free(bootstrap=1, heads=0.5)"`` or a mapping with ``name``) comes back as that
+    string, which :func:`build_prior` reads."""
+    name, kwargs = parse_prior_spec(kind)
+    if name != "auto":
+        try:
+            PRIORS.get(name)(model, **kwargs)  # raises: unknown name (with close matches), or a prior that does not fit
+        except TypeError as e:
+            raise DfkdError(f"prior {name!r}: {e}") from None
+        return _spec(name, kwargs)
     if batchnorm_layers(model):
         return "batchnorm"
     for name in PRIORS:
@@ -135,8 +182,9 @@ def resolve_prior_name(model: nn.Module, kind: str = "auto") -> str:
     )
 
 
-def build_prior(model: nn.Module, kind: str = "auto", **kwargs) -> StatisticsPrior:
-    return PRIORS.build(resolve_prior_name(model, kind), model=model, **kwargs)
+def build_prior(model: nn.Module, kind="auto", **kwargs) -> StatisticsPrior:
+    name, spec_kwargs = parse_prior_spec(resolve_prior_name(model, kind))
+    return PRIORS.build(name, model=model, **{**spec_kwargs, **kwargs})
 
 
 from dfkd import priors_vit as _priors_vit  # noqa: E402,F401  (registers the ViT priors: vit, vit_patch_entropy, vit_token_stats)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
@@ -48,24 +49,174 @@ ENTROPY_BUFFER = "dfkd_entropy_gap"  # on a block: the mean ``log G − H`` of i
 ENTROPY_GRID = 64
 
 
-# -- model structure ----------------------------------------------------------------------------
+# -- model structure: transformer discovery for any layout -------------------------------------------
+#: names of the second (pre-MLP) LayerNorm of a block, by layout: timm / custom, torchvision, HF ViT
+_MID_NORMS = ("norm2", "ln_2", "ln2", "layernorm_after", "norm_mlp", "mlp_norm", "post_attention_layernorm")
+_PREFIX_PARAMS = ("cls_token", "class_token", "dist_token", "distillation_token", "reg_token", "register_tokens")
+
+
+@dataclass
+class BlockSite:
+    """One transformer block as seen from outside: the block (its input and output are the residual
+    stream), its attention module (its output is the attention output, before the residual), the LayerNorm
+    before the MLP (``None`` for post-norm blocks: there its input is not the MLP's input) and the token
+    layout at the block's boundary (``batch_first`` False: (N, B, D))."""
+
+    name: str
+    block: nn.Module
+    attn: nn.Module
+    norm_mid: Optional[nn.Module]
+    batch_first: bool
+    pre_norm: bool
+
+
+@dataclass
+class TransformerLayout:
+    kind: str  # timm, torch (nn.TransformerEncoderLayer), mha (custom nn.MultiheadAttention blocks), hf, other
+    blocks: list[BlockSite]
+    prefix: int  # class / distillation / register tokens before the patch tokens
+    width: int
+
+    def describe(self) -> str:
+        bf = {b.batch_first for b in self.blocks}
+        norm = {b.pre_norm for b in self.blocks}
+        return (f"{self.kind} transformer: {len(self.blocks)} blocks ({self.blocks[0].name} ... "
+                f"{self.blocks[-1].name}), width {self.width}, {self.prefix} prefix token(s), "
+                f"{'pre' if norm == {True} else 'post' if norm == {False} else 'mixed'}-norm, "
+                f"tokens {'(B, N, D)' if bf == {True} else '(N, B, D)'}")
+
+
+def _is_attention(m: nn.Module) -> bool:
+    return isinstance(m, nn.MultiheadAttention) or (type(m).__name__.endswith("Attention")
+                                                     and any(True for _ in m.parameters()))
+
+
+def _width(attn: nn.Module) -> int:
+    if isinstance(attn, nn.MultiheadAttention):
+        return int(attn.embed_dim)
+    for m in attn.modules():
+        if isinstance(m, nn.Linear):
+            return int(m.in_features)
+    raise DfkdError(f"cannot read the width of attention module {type(attn).__name__}")
+
+
+def _layout_kind(model: nn.Module, blocks: Sequence[BlockSite]) -> str:
+    mod = type(blocks[0].block).__module__
+    if mod.startswith("timm."):
+        return "timm"
+    if isinstance(blocks[0].block, nn.TransformerEncoderLayer):
+        return "torch"
+    if mod.startswith("transformers."):
+        return "hf"
+    return "mha" if isinstance(blocks[0].attn, nn.MultiheadAttention) else "other"
+
+
+def _prefix_tokens(model: nn.Module) -> int:
+    for m in model.modules():  # timm (VisionTransformer, DeiT, ...): its own count
+        n = getattr(m, "num_prefix_tokens", None)
+        if isinstance(n, int) and hasattr(m, "blocks"):
+            return n
+    count = 0
+    for name, p in model.named_parameters():
+        if name.split(".")[-1] in _PREFIX_PARAMS and p.dim() == 3:
+            count += int(p.shape[1])
+    return count
+
+
+def find_transformer(model: nn.Module) -> Optional[TransformerLayout]:
+    """The transformer blocks of any layout, or None when there are none: every outermost attention module
+    (``nn.MultiheadAttention``, or a module class named ``*Attention`` with parameters: timm's ``Attention``,
+    Hugging Face's ``ViTAttention``, ...) whose parent is then a block. Works for timm ViT/DeiT,
+    ``nn.TransformerEncoderLayer`` (pre- and post-norm, ``batch_first`` either way), custom
+    ``nn.MultiheadAttention`` blocks and Hugging Face ``transformers`` ViTs."""
+    mods = dict(model.named_modules())
+    found: list[tuple[str, nn.Module]] = []
+    for name, m in model.named_modules():
+        if _is_attention(m) and name and not any(name.startswith(n + ".") for n, _ in found):
+            found.append((name, m))
+    blocks = []
+    for name, attn in found:
+        parent_name = name.rpartition(".")[0]
+        if not parent_name:
+            continue
+        blk = mods[parent_name]
+        pre = True
+        if isinstance(blk, nn.TransformerEncoderLayer):
+            pre = bool(blk.norm_first)
+        mid = None
+        if pre:
+            for n in _MID_NORMS:
+                if isinstance(getattr(blk, n, None), nn.Module):
+                    mid = getattr(blk, n)
+                    break
+        bf = bool(attn.batch_first) if isinstance(attn, nn.MultiheadAttention) else True
+        blocks.append(BlockSite(parent_name, blk, attn, mid, bf, pre))
+    if not blocks:
+        return None
+    widths = {_width(b.attn) for b in blocks}
+    if len(widths) != 1:  # e.g. a hierarchical transformer: read each stage? not supported
+        return None
+    return TransformerLayout(_layout_kind(model, blocks), blocks, _prefix_tokens(model), widths.pop())
+
+
+def transformer_layout(model: nn.Module, what: str = "this prior") -> TransformerLayout:
+    """:func:`find_transformer`, or a one-line :class:`DfkdError` naming the model when nothing is found."""
+    layout = find_transformer(model)
+    if layout is None:
+        raise DfkdError(
+            f"{what} needs a transformer (ViT) teacher, but {type(model).__name__} has no transformer blocks "
+            "(no nn.MultiheadAttention or *Attention module inside a block); choose prior=auto")
+    return layout
+
+
 def vit_blocks(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks of a timm-style ViT (``model.blocks[i].attn``), or [] when there are none."""
-    model = getattr(model, "model", model) if not hasattr(model, "blocks") else model
-    blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
-        return []
-    out = [b for b in blocks if isinstance(getattr(b, "attn", None), nn.Module)]
-    return out if len(out) == len(blocks) else []
+    """The transformer blocks of ``model`` in order (any layout, see :func:`find_transformer`), or []."""
+    layout = find_transformer(model)
+    return [b.block for b in layout.blocks] if layout else []
 
 
 def num_prefix_tokens(model: nn.Module) -> int:
-    model = getattr(model, "model", model) if not hasattr(model, "blocks") else model
-    return int(getattr(model, "num_prefix_tokens", 0) or 0)
+    layout = find_transformer(model)
+    return layout.prefix if layout else 0
 
 
 def is_vit(model: nn.Module) -> bool:
-    return bool(vit_blocks(model))
+    return find_transformer(model) is not None
+
+
+def _batch_first(site: BlockSite, t) -> torch.Tensor:
+    t = t[0] if isinstance(t, (tuple, list)) else getattr(t, "last_hidden_state", t)
+    return t if site.batch_first else t.transpose(0, 1)
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    for k in ("hidden_states", "src", "x", "query"):
+        if isinstance(kwargs.get(k), torch.Tensor):
+            return kwargs[k]
+    raise DfkdError("cannot find the token tensor among a transformer block's inputs")
+
+
+def pre_hook(module: nn.Module, fn: Callable[[torch.Tensor], None]):
+    """A forward pre-hook calling ``fn(tokens)`` with the module's first tensor input (positional or keyword)."""
+    return module.register_forward_pre_hook(lambda m, a, kw: fn(_first_tensor(a, kw)), with_kwargs=True)
+
+
+@contextmanager
+def no_fast_path() -> Iterator[None]:
+    """Turn off PyTorch's fused transformer fast path (eval-mode ``nn.TransformerEncoderLayer`` /
+    ``nn.MultiheadAttention`` without gradients), which skips submodules' hooks; restored on exit.
+    Fused scaled-dot-product attention inside the modules stays on."""
+    mha = getattr(torch.backends, "mha", None)
+    old = mha.get_fastpath_enabled() if mha is not None else None
+    try:
+        if mha is not None:
+            mha.set_fastpath_enabled(False)
+        yield
+    finally:
+        if mha is not None:
+            mha.set_fastpath_enabled(old)
 
 
 @contextmanager
@@ -74,27 +225,62 @@ def capture_blocks(model: nn.Module, indices: Optional[Sequence[int]] = None,
     """Record the output (or input) tokens (B, N, D) of the chosen blocks while in the ``with`` block.
 
     ``what``: ``output`` (the block's output), ``input`` (its input) or ``attn`` (the attention
-    module's output). Hooks are removed on exit. Indices may be negative.
+    module's output). Tokens are batch-first whatever the layout. Hooks are removed on exit.
+    Indices may be negative.
     """
-    blocks = vit_blocks(model)
-    if not blocks:
-        raise DfkdError(f"{type(model).__name__} has no ViT blocks (model.blocks[i].attn) to read tokens from")
-    idx = range(len(blocks)) if indices is None else [i % len(blocks) for i in indices]
+    layout = transformer_layout(model, "reading tokens")
+    sites = layout.blocks
+    idx = range(len(sites)) if indices is None else [i % len(sites) for i in indices]
     store: dict[int, torch.Tensor] = {}
     handles = []
     try:
-        for i in idx:
-            if what == "input":
-                handles.append(blocks[i].register_forward_pre_hook(
-                    lambda m, inp, i=i: store.__setitem__(i, inp[0])))
-            else:
-                mod = blocks[i].attn if what == "attn" else blocks[i]
-                handles.append(mod.register_forward_hook(
-                    lambda m, inp, out, i=i: store.__setitem__(i, out[0] if isinstance(out, tuple) else out)))
-        yield store
+        with no_fast_path():
+            for i in idx:
+                site = sites[i]
+                if what == "input":
+                    handles.append(pre_hook(site.block, lambda t, i=i, s=site: store.__setitem__(i, _batch_first(s, t))))
+                else:
+                    mod = site.attn if what == "attn" else site.block
+                    handles.append(mod.register_forward_hook(
+                        lambda m, inp, out, i=i, s=site: store.__setitem__(i, _batch_first(s, out))))
+            yield store
     finally:
         for h in handles:
             h.remove()
+
+
+_FAST = {"depth": 0, "old": None}
+
+
+class TransformerPrior(StatisticsPrior):
+    """Base of the transformer priors: finds the blocks (any layout) and keeps PyTorch's fused transformer
+    fast path off while its hooks are in place (that path skips submodules' hooks)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.layout = transformer_layout(model, f"the '{self.name}' prior")
+        self.sites = self.layout.blocks
+        self.blocks = [b.block for b in self.sites]
+        self.prefix = self.layout.prefix
+        self._fast_off = False
+
+    def __enter__(self):
+        mha = getattr(torch.backends, "mha", None)
+        if mha is not None and not self._fast_off:
+            if _FAST["depth"] == 0:
+                _FAST["old"] = mha.get_fastpath_enabled()
+                mha.set_fastpath_enabled(False)
+            _FAST["depth"] += 1
+            self._fast_off = True
+        return super().__enter__()
+
+    def remove(self) -> None:
+        super().remove()
+        if getattr(self, "_fast_off", False):
+            self._fast_off = False
+            _FAST["depth"] -= 1
+            if _FAST["depth"] == 0:
+                torch.backends.mha.set_fastpath_enabled(_FAST["old"])
 
 
 # -- patch-similarity entropy (PSAQ-ViT) -----------------------------------------------------------
@@ -140,7 +326,7 @@ def similarity_entropy(tokens: torch.Tensor, grid: int = 64, bandwidth: Optional
     return -(p * torch.log(p.clamp_min(1e-12))).sum(dim=1)
 
 
-class PatchEntropyPrior(StatisticsPrior):
+class PatchEntropyPrior(TransformerPrior):
     """Maximise the entropy of each block's patch-similarity distribution (PSAQ-ViT); see the module doc.
 
     ``target="recorded"`` instead matches each block's batch-mean ``log G − H`` to the value recorded
@@ -156,12 +342,6 @@ class PatchEntropyPrior(StatisticsPrior):
     def __init__(self, model: nn.Module, grid: int = ENTROPY_GRID, bandwidth: Optional[float] = None,
                  max_pairs: int = 4096, blocks: Optional[Sequence[int]] = None, target: str = "max"):
         super().__init__(model)
-        self.blocks = vit_blocks(model)
-        if not self.blocks:
-            raise DfkdError(
-                f"the '{self.name}' prior needs a ViT teacher (model.blocks[i].attn, as in timm's "
-                f"VisionTransformer); {type(model).__name__} has none; choose prior=auto"
-            )
         if target not in ("max", "recorded"):
             raise DfkdError(f"patch-entropy target must be 'max' or 'recorded', got {target!r}")
         if target == "recorded" and not has_entropy_reference(model):
@@ -170,11 +350,12 @@ class PatchEntropyPrior(StatisticsPrior):
         self.grid, self.bandwidth, self.max_pairs = int(grid), bandwidth, int(max_pairs)
         self.target = target
         self.indices = list(range(len(self.blocks))) if blocks is None else [int(i) % len(self.blocks) for i in blocks]
-        self.prefix = num_prefix_tokens(model)
 
-    def _hook(self, block: nn.Module) -> Callable:
+    def _hook(self, site: BlockSite) -> Callable:
+        block = site.block
+
         def hook(module, inputs, output) -> None:
-            out = output[0] if isinstance(output, tuple) else output
+            out = _batch_first(site, output)
             ent = similarity_entropy(out[:, self.prefix:], self.grid, self.bandwidth, self.max_pairs)
             gap = math.log(self.grid) - ent.mean()
             if self.target == "recorded":
@@ -185,7 +366,7 @@ class PatchEntropyPrior(StatisticsPrior):
 
     def _attach(self) -> None:
         for i in self.indices:
-            self._handles.append(self.blocks[i].attn.register_forward_hook(self._hook(self.blocks[i])))
+            self._handles.append(self.sites[i].attn.register_forward_hook(self._hook(self.sites[i])))
 
 
 # -- token statistics (the BatchNorm-statistics analogue) ------------------------------------------
@@ -206,23 +387,23 @@ def _buffer(site: str, stat: str) -> str:
     return f"dfkd_token_{site}_{stat}"
 
 
-def _site_hooks(blocks: Sequence[nn.Module], sites: Sequence[str], fn: Callable) -> list:
-    """Hooks that call ``fn(block_index, site, tokens)`` on every block's tokens at ``sites``; returns
-    their handles (the caller removes them)."""
+def _site_hooks(blocks: Sequence[BlockSite], sites: Sequence[str], fn: Callable) -> list:
+    """Hooks that call ``fn(block_index, site, tokens)`` (tokens batch-first) on every block's tokens at
+    ``sites``; returns their handles (the caller removes them). ``mid`` only where the block is pre-norm."""
     handles = []
-    for i, blk in enumerate(blocks):
+    for i, b in enumerate(blocks):
         if "in" in sites:
-            handles.append(blk.register_forward_pre_hook(lambda m, inp, i=i: fn(i, "in", inp[0])))
-        if "mid" in sites and isinstance(getattr(blk, "norm2", None), nn.Module):
-            handles.append(blk.norm2.register_forward_pre_hook(lambda m, inp, i=i: fn(i, "mid", inp[0])))
+            handles.append(pre_hook(b.block, lambda t, i=i, b=b: fn(i, "in", _batch_first(b, t))))
+        if "mid" in sites and b.norm_mid is not None:
+            handles.append(pre_hook(b.norm_mid, lambda t, i=i, b=b: fn(i, "mid", _batch_first(b, t))))
         if "out" in sites and i == len(blocks) - 1:
-            handles.append(blk.register_forward_hook(
-                lambda m, inp, out, i=i: fn(i, "out", out[0] if isinstance(out, tuple) else out)))
+            handles.append(b.block.register_forward_hook(
+                lambda m, inp, out, i=i, b=b: fn(i, "out", _batch_first(b, out))))
     return handles
 
 
 @contextmanager
-def _capture_sites(blocks: Sequence[nn.Module], sites: Sequence[str], fn: Callable) -> Iterator[None]:
+def _capture_sites(blocks: Sequence[BlockSite], sites: Sequence[str], fn: Callable) -> Iterator[None]:
     handles = []
     try:
         handles = _site_hooks(blocks, sites, fn)
@@ -243,10 +424,8 @@ def record_token_statistics(net: nn.Module, images: Iterable[torch.Tensor] | tor
     ``entropy_gap`` the mean ``log G − H`` of the block's patch-similarity KDE (G = 64) on these images.
     Run it where the training data lives (e.g. right after training the teacher) and ship the result."""
     model = getattr(net, "model", net)
-    blocks = vit_blocks(model)
-    if not blocks:
-        raise DfkdError(f"{type(model).__name__} is not a ViT: no token statistics to record")
-    prefix = num_prefix_tokens(model)
+    layout = transformer_layout(model, "recording token statistics")
+    blocks, prefix = layout.blocks, layout.prefix
     if isinstance(images, torch.Tensor):
         images = images.split(batch_size)
     was_training = net.training
@@ -292,15 +471,13 @@ def attach_token_statistics(model: nn.Module, stats: dict[str, torch.Tensor] | s
     if not isinstance(stats, dict):
         stats = load_token_statistics(stats)
     model = getattr(model, "model", model) if not hasattr(model, "blocks") else model
-    blocks = vit_blocks(model)
-    if not blocks:
-        raise DfkdError(f"{type(model).__name__} is not a ViT: cannot attach token statistics")
+    layout = transformer_layout(model, "attaching token statistics")
+    blocks = [b.block for b in layout.blocks]
     for i, blk in enumerate(blocks):
         m, v = stats.get(f"block{i}.mean"), stats.get(f"block{i}.var")
         if m is None or v is None:
             raise DfkdError(f"token statistics lack block {i} (the teacher has {len(blocks)} blocks)")
-        dim = blk.norm1.normalized_shape[0] if hasattr(blk, "norm1") and hasattr(blk.norm1, "normalized_shape") \
-            else m.shape[-1]
+        dim = layout.width
         if m.shape[-1] != dim or v.shape != (dim,):
             raise DfkdError(f"token statistics of block {i} have width {m.shape[-1]}, the teacher's is {dim}")
         dev = next(blk.parameters()).device
@@ -344,7 +521,7 @@ def load_token_statistics(path: str | Path) -> dict[str, torch.Tensor]:
         raise DfkdError(f"cannot read token statistics {path}: {e}") from None
 
 
-class TokenStatsPrior(StatisticsPrior):
+class TokenStatsPrior(TransformerPrior):
     """Match token statistics to those recorded from the teacher (module doc): at each block's input
     (``sites`` ``in``), optionally also its MLP's input (``mid``) and the last block's output (``out``);
     ``position_var`` compares the variance per (position, channel) instead of pooled per channel.
@@ -359,9 +536,6 @@ class TokenStatsPrior(StatisticsPrior):
     def __init__(self, model: nn.Module, eps: float = 1e-5, sites: str | Sequence[str] = ("in",),
                  position_var: bool = False):
         super().__init__(model)
-        self.blocks = vit_blocks(model)
-        if not self.blocks:
-            raise DfkdError(f"the '{self.name}' prior needs a ViT teacher; {type(model).__name__} has no ViT blocks")
         if not has_token_statistics(model):
             raise DfkdError(
                 f"the '{self.name}' prior needs token statistics recorded from the teacher "
@@ -379,12 +553,11 @@ class TokenStatsPrior(StatisticsPrior):
             if site not in recorded:
                 raise DfkdError(f"no token statistics recorded at site {site!r} (recorded: {', '.join(recorded)}); "
                                 "record them again with dfkd.priors_vit.record_token_statistics")
-        self.sites = sites
+        self.where = sites
         self.position_var = bool(position_var) and all(
             getattr(b, _buffer(s, "pos_var"), None) is not None for b in self.blocks for s in sites
             if getattr(b, _buffer(s, "mean"), None) is not None)
         self.eps = float(eps)
-        self.prefix = num_prefix_tokens(model)
 
     def _term(self, block: nn.Module, site: str, tokens: torch.Tensor) -> None:
         x = tokens[:, self.prefix:].float()
@@ -405,7 +578,7 @@ class TokenStatsPrior(StatisticsPrior):
 
     def _attach(self) -> None:
         blocks = self.blocks
-        self._handles += _site_hooks(blocks, self.sites, lambda i, site, t: self._term(blocks[i], site, t))
+        self._handles += _site_hooks(self.sites, self.where, lambda i, site, t: self._term(blocks[i], site, t))
 
 
 class ViTPrior(StatisticsPrior):
@@ -461,9 +634,295 @@ class ViTPrior(StatisticsPrior):
         return {p.name: float(torch.stack(p.terms).detach().sum()) for _, p in self.parts if p.terms}
 
 
+# -- teacher-only priors: nothing but the teacher's weights ----------------------------------------
+BOOT_COUNT = "dfkd_boot_count"
+
+
+def _logits(output) -> Optional[torch.Tensor]:
+    out = output[0] if isinstance(output, (tuple, list)) else getattr(output, "logits", output)
+    return out if isinstance(out, torch.Tensor) and out.dim() == 2 else None
+
+
+class BootstrapTokenPrior(TransformerPrior):
+    """Bootstrapped token statistics (no real image ever): the teacher's own token statistics on the
+    synthetic images it is most confident about, refined as synthesis goes on, then matched like
+    recorded ones.
+
+    Every teacher forward inside the ``with`` block, the images whose top softmax probability is at least
+    ``confidence`` add their per-block token mean (per position, channel) and variance (per channel)
+    at each block's input, and the mean patch-similarity entropy gap of the block's attention output, to
+    a running reference stored on the blocks (non-persistent buffers: it lasts as long as the teacher
+    object, across synthesis batches). Each update moves the reference by
+    ``max(n / (count + n), refresh)`` (an average over everything seen at first, then an exponential
+    average that forgets the early, noisier images). Once ``min_count`` images have been seen, each block
+    adds ``rms((μ − μ̂)/σ̂) + rms(log σ² − log σ̂²)`` and the entropy term becomes ``|gap − ĝap|``; before
+    that, the entropy gap is maximised (PSAQ-ViT) so that the first confident images are diverse ones.
+    ``entropy`` weighs the entropy part (0: statistics only)."""
+
+    name = "vit_bootstrap"
+
+    @staticmethod
+    def fits(model: nn.Module) -> bool:
+        return is_vit(model)
+
+    def __init__(self, model: nn.Module, confidence: float = 0.8, min_count: int = 256, refresh: float = 0.05,
+                 entropy: float = 1.0, eps: float = 1e-5, grid: int = ENTROPY_GRID, max_pairs: int = 4096):
+        super().__init__(model)
+        if not 0.0 < float(confidence) < 1.0:
+            raise DfkdError(f"bootstrap confidence must be in (0, 1), got {confidence}")
+        self.confidence, self.min_count, self.refresh = float(confidence), int(min_count), float(refresh)
+        self.entropy, self.eps, self.grid, self.max_pairs = float(entropy), float(eps), int(grid), int(max_pairs)
+        self._seen: dict[int, tuple[torch.Tensor, float]] = {}
+
+    @staticmethod
+    def reference_count(model: nn.Module) -> int:
+        layout = find_transformer(model)
+        buf = getattr(layout.blocks[0].block, BOOT_COUNT, None) if layout else None
+        return int(buf.item()) if buf is not None else 0
+
+    def _ready(self) -> bool:
+        return self.reference_count(self.model) >= self.min_count
+
+    def _in_hook(self, i: int, tokens: torch.Tensor) -> None:
+        x = tokens[:, self.prefix:].float()
+        blk = self.blocks[i]
+        if self._ready():
+            ref_mean, ref_var = getattr(blk, "dfkd_boot_mean"), getattr(blk, "dfkd_boot_var")
+            mean = x.mean(dim=0)
+            var = (x - mean).pow(2).mean(dim=(0, 1))
+            d_mean = ((mean - ref_mean) / (ref_var + self.eps).sqrt()).pow(2).mean().add(1e-12).sqrt()
+            d_var = (torch.log(var + self.eps) - torch.log(ref_var + self.eps)).pow(2).mean().add(1e-12).sqrt()
+            self._terms.append(d_mean + d_var)
+        self._seen.setdefault(i, [None, None])[0] = x.detach()
+
+    def _attn_hook(self, i: int, out: torch.Tensor) -> None:
+        ent = similarity_entropy(out[:, self.prefix:], self.grid, None, self.max_pairs)
+        gap = math.log(self.grid) - ent  # (B,)
+        if self.entropy > 0:
+            ref = getattr(self.blocks[i], "dfkd_boot_gap", None)
+            term = (gap.mean() - ref.reshape(())).abs() if (self._ready() and ref is not None) else gap.mean()
+            self._terms.append(self.entropy * term)
+        self._seen.setdefault(i, [None, None])[1] = gap.detach()
+
+    def _out_hook(self, module, inputs, output) -> None:
+        logits = _logits(output)
+        seen, self._seen = self._seen, {}
+        if logits is None:
+            return
+        with torch.no_grad():
+            keep = logits.detach().float().softmax(1).amax(1) >= self.confidence
+            n = int(keep.sum())
+            if n < 2:
+                return
+            first = self.blocks[0]
+            count = getattr(first, BOOT_COUNT, None)
+            count = 0 if count is None else int(count.item())
+            rate = max(n / (count + n), self.refresh)
+            for i, (x, gap) in seen.items():
+                if x is None or x.shape[0] != keep.shape[0]:
+                    continue
+                xs = x[keep]
+                mean = xs.mean(0)
+                var = (xs - mean).pow(2).mean(dim=(0, 1))
+                new = {"dfkd_boot_mean": mean, "dfkd_boot_var": var}
+                if gap is not None:
+                    new["dfkd_boot_gap"] = gap[keep].mean().reshape(1)
+                blk = self.blocks[i]
+                for k, v in new.items():
+                    old = getattr(blk, k, None)
+                    blk.register_buffer(k, v if old is None or old.shape != v.shape else (1 - rate) * old + rate * v,
+                                        persistent=False)
+            first.register_buffer(BOOT_COUNT, torch.tensor(count + n), persistent=False)
+
+    def _attach(self) -> None:
+        self._handles += _site_hooks(self.sites, ("in",), lambda i, site, t: self._in_hook(i, t))
+        for i, site in enumerate(self.sites):
+            self._handles.append(site.attn.register_forward_hook(
+                lambda m, inp, out, i=i, s=site: self._attn_hook(i, _batch_first(s, out))))
+        self._handles.append(self.model.register_forward_hook(self._out_hook))
+
+    def loss(self, reset: bool = True) -> torch.Tensor:
+        if not self._terms:
+            raise RuntimeError(f"{self.name} prior recorded nothing: run the teacher inside the 'with' block")
+        return super().loss(reset)
+
+
+def reset_bootstrap(model: nn.Module) -> None:
+    """Forget the bootstrapped reference (e.g. before synthesising for another run)."""
+    for b in vit_blocks(model):
+        for k in ("dfkd_boot_mean", "dfkd_boot_var", "dfkd_boot_gap", BOOT_COUNT):
+            if k in b._buffers:
+                del b._buffers[k]
+
+
+def _qk_weights(attn: nn.Module) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor,
+                                                   Optional[torch.Tensor], int]]:
+    """(Wq, bq, Wk, bk, heads) of an attention module: nn.MultiheadAttention (packed in_proj), timm's
+    Attention (packed qkv) or Hugging Face's ViTAttention (query / key Linears); None otherwise."""
+    if isinstance(attn, nn.MultiheadAttention) and attn.in_proj_weight is not None:
+        d = attn.embed_dim
+        w, b = attn.in_proj_weight, attn.in_proj_bias
+        return w[:d], None if b is None else b[:d], w[d:2 * d], None if b is None else b[d:2 * d], attn.num_heads
+    qkv = getattr(attn, "qkv", None)
+    if isinstance(qkv, nn.Linear) and hasattr(attn, "num_heads"):
+        d = qkv.in_features
+        w, b = qkv.weight, qkv.bias
+        return w[:d], None if b is None else b[:d], w[d:2 * d], None if b is None else b[d:2 * d], int(attn.num_heads)
+    inner = getattr(attn, "attention", attn)  # Hugging Face: query / key (4.x) or q_proj / k_proj (5.x)
+    q = getattr(inner, "query", None) or getattr(inner, "q_proj", None)
+    k = getattr(inner, "key", None) or getattr(inner, "k_proj", None)
+    heads = getattr(inner, "num_attention_heads", None) or getattr(inner, "num_heads", None)
+    if isinstance(q, nn.Linear) and isinstance(k, nn.Linear) and heads:
+        return q.weight, q.bias, k.weight, k.bias, int(heads)
+    return None
+
+
+def attention_maps(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Per-head attention probabilities (B, H, N, N) recomputed from the attention module's input tokens
+    ``x`` (B, N, D) and its query / key weights (the module itself still runs its fused kernel)."""
+    found = _qk_weights(attn)
+    if found is None:
+        raise DfkdError(f"cannot read query / key weights of {type(attn).__name__}")
+    wq, bq, wk, bk, h = found
+    b, n, d = x.shape
+    q = F.linear(x, wq, bq).reshape(b, n, h, -1).transpose(1, 2)
+    k = F.linear(x, wk, bk).reshape(b, n, h, -1).transpose(1, 2)
+    qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+    if isinstance(qn, nn.Module) and isinstance(kn, nn.Module):
+        q, k = qn(q), kn(k)
+    return (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)
+
+
+class HeadAgreementPrior(TransformerPrior):
+    """Inter-head attention agreement (after MimiQ's observation that real images make a ViT's heads attend
+    alike far more than synthetic ones do): per block, ``1 − mean cos(A_h, A_h')`` over pairs of heads of
+    each image's attention maps (patch queries; maps recomputed from the attention's input, see
+    :func:`attention_maps`)."""
+
+    name = "vit_head_agreement"
+
+    @staticmethod
+    def fits(model: nn.Module) -> bool:
+        return False  # never picked by prior=auto on its own
+
+    def __init__(self, model: nn.Module, blocks: Optional[Sequence[int]] = None):
+        super().__init__(model)
+        for s in self.sites:
+            if _qk_weights(s.attn) is None:
+                raise DfkdError(f"the '{self.name}' prior cannot read the attention weights of {s.name}")
+            if _qk_weights(s.attn)[4] < 2:
+                raise DfkdError(f"the '{self.name}' prior needs at least two attention heads ({s.name} has one)")
+        self.indices = list(range(len(self.sites))) if blocks is None else [int(i) % len(self.sites) for i in blocks]
+
+    def _term(self, site: BlockSite, x: torch.Tensor) -> None:
+        a = attention_maps(site.attn, x.float())[:, :, self.prefix:]  # (B, H, P, N)
+        z = F.normalize(a.flatten(2), dim=-1)  # (B, H, P·N)
+        sim = z @ z.transpose(1, 2)  # (B, H, H)
+        h = sim.shape[1]
+        off = (sim.sum(dim=(1, 2)) - sim.diagonal(dim1=1, dim2=2).sum(1)) / (h * (h - 1))
+        self._terms.append(1.0 - off.mean())
+
+    def _attach(self) -> None:
+        for i in self.indices:
+            s = self.sites[i]
+            self._handles.append(pre_hook(s.attn, lambda t, s=s: self._term(s, _batch_first(s, t))))
+
+
+class PatchContrastPrior(TransformerPrior):
+    """Patch-level contrast (in the spirit of CLAMP-ViT's patch-level contrastive learning): at a block's
+    output, each patch token should be more like its right / lower neighbour in the same image than like
+    the token at that neighbour's position in the other images of the batch (InfoNCE, temperature
+    ``temperature``). Real images are locally coherent and differ from one another; adversarial colour
+    noise is neither. ``blocks`` default: the last one."""
+
+    name = "vit_patch_contrast"
+
+    @staticmethod
+    def fits(model: nn.Module) -> bool:
+        return False
+
+    def __init__(self, model: nn.Module, temperature: float = 0.2, blocks: Optional[Sequence[int]] = (-1,)):
+        super().__init__(model)
+        self.tau = float(temperature)
+        self.indices = [int(i) % len(self.sites) for i in (blocks if blocks is not None else range(len(self.sites)))]
+
+    def _term(self, tokens: torch.Tensor) -> None:
+        x = tokens[:, self.prefix:].float()
+        b, p, d = x.shape
+        g = math.isqrt(p)
+        if g * g != p or b < 2:
+            raise DfkdError(f"the '{self.name}' prior needs a square patch grid and at least two images "
+                            f"(got {p} patch tokens, batch {b})")
+        z = F.normalize(x, dim=-1).reshape(b, g, g, d)
+        losses = []
+        for a, c in ((z[:, :, :-1], z[:, :, 1:]), (z[:, :-1], z[:, 1:])):  # right, down neighbours
+            a = a.reshape(b, -1, d).transpose(0, 1)  # (P', B, D)
+            c = c.reshape(b, -1, d).transpose(0, 1)
+            logits = a @ c.transpose(1, 2) / self.tau  # (P', B, B): image i's patch vs every image's neighbour
+            target = torch.arange(b, device=x.device).expand(logits.shape[0], b)
+            losses.append(F.cross_entropy(logits.reshape(-1, b), target.reshape(-1)))
+        self._terms.append(torch.stack(losses).mean())
+
+    def _attach(self) -> None:
+        for i in self.indices:
+            s = self.sites[i]
+            self._handles.append(s.block.register_forward_hook(lambda m, inp, out, s=s: self._term(_batch_first(s, out))))
+
+
+class TeacherOnlyPrior(StatisticsPrior):
+    """The teacher-only combination: ``entropy · vit_patch_entropy (maximised) + bootstrap · vit_bootstrap +
+    heads · vit_head_agreement + contrast · vit_patch_contrast``, parts with weight 0 left out. Nothing
+    recorded on real data is used. ``bootstrap_kwargs`` etc. go to the parts."""
+
+    name = "vit_free"
+
+    @staticmethod
+    def fits(model: nn.Module) -> bool:
+        return False
+
+    def __init__(self, model: nn.Module, entropy: float = 0.0, bootstrap: float = 1.0, heads: float = 0.0,
+                 contrast: float = 0.0, bootstrap_kwargs: Optional[dict] = None, heads_kwargs: Optional[dict] = None,
+                 contrast_kwargs: Optional[dict] = None):
+        super().__init__(model)
+        transformer_layout(model, f"the '{self.name}' prior")
+        self.parts: list[tuple[float, StatisticsPrior]] = []
+        for w, cls, kw in ((entropy, PatchEntropyPrior, {"target": "max"}), (bootstrap, BootstrapTokenPrior, bootstrap_kwargs),
+                           (heads, HeadAgreementPrior, heads_kwargs), (contrast, PatchContrastPrior, contrast_kwargs)):
+            if float(w) > 0:
+                self.parts.append((float(w), cls(model, **dict(kw or {}))))
+        if not self.parts:
+            raise DfkdError("the 'vit_free' prior has nothing to compute: every weight is 0")
+
+    def _attach(self) -> None:
+        for _, p in self.parts:
+            p.__enter__()
+
+    def remove(self) -> None:
+        for _, p in getattr(self, "parts", []):
+            p.remove()
+
+    def reset(self) -> None:
+        for _, p in self.parts:
+            p.reset()
+
+    @property
+    def terms(self) -> list[torch.Tensor]:
+        return [w * t for w, p in self.parts for t in p.terms]
+
+    def loss(self, reset: bool = True) -> torch.Tensor:
+        return torch.stack([w * p.loss(reset=reset) for w, p in self.parts]).sum()
+
+    def components(self) -> dict[str, float]:
+        return {p.name: float(torch.stack(p.terms).detach().sum()) for _, p in self.parts if p.terms}
+
+
 PRIORS.register("vit_patch_entropy")(PatchEntropyPrior)
 PRIORS.register("vit_token_stats")(TokenStatsPrior)
 PRIORS.register("vit")(ViTPrior)
+PRIORS.register("vit_bootstrap")(BootstrapTokenPrior)
+PRIORS.register("vit_head_agreement")(HeadAgreementPrior)
+PRIORS.register("vit_patch_contrast")(PatchContrastPrior)
+PRIORS.register("vit_free")(TeacherOnlyPrior)
 
 
 # -- token statistics beside a teacher checkpoint ---------------------------------------------------
