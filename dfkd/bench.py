@@ -209,3 +209,46 @@ def plot_curves(curves: dict[str, list[list[float]]], path: Path, title: str, te
 
     os.replace(tmp, path)
     return True
+
+
+def class_agreement(run_dir: Path) -> dict[str, Any]:
+    """A run's requested-class agreement (``syn/teacher_acc``) and class entropy from its metrics.jsonl:
+    the mean over all rounds and over the last quarter of the rounds (None for synthesizers without labels)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    accs = [r["syn/teacher_acc"] for r in recs if "syn/teacher_acc" in r]
+    ents = [r["syn/class_entropy"] for r in recs if "syn/class_entropy" in r]
+    tail = accs[-max(1, len(accs) // 4):]
+    return {"agreement_mean": statistics.mean(accs) if accs else None,
+            "agreement_last_quarter": statistics.mean(tail) if accs else None,
+            "class_entropy_mean": statistics.mean(ents) if ents else None, "rounds": len(recs)}
+
+
+def add_agreement(jpath: Path, mpath: Path) -> list[dict[str, Any]]:
+    """Add each method's requested-class agreement (mean over its seeds' runs) to a results file
+    written by :func:`write_results`: an ``agreement`` list in the JSON and a table in the Markdown."""
+    result = json.loads(Path(jpath).read_text())
+    table = []
+    for method in dict.fromkeys(r["method"] for r in result["runs"]):
+        per = [class_agreement(Path(r["run_dir"])) for r in result["runs"] if r["method"] == method]
+
+        def mean(key: str):
+            vals = [p[key] for p in per if p[key] is not None]
+            return statistics.mean(vals) if vals else None
+
+        table.append({"method": method, "agreement_mean": mean("agreement_mean"),
+                      "agreement_last_quarter": mean("agreement_last_quarter"),
+                      "class_entropy_mean": mean("class_entropy_mean"), "rounds_mean": mean("rounds")})
+    result["agreement"] = table
+    atomic_write_json(Path(jpath), result)
+    f = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = ["", "Requested-class agreement (the teacher's arg-max on the un-augmented synthetic images equals "
+             "the class each was made for; chance = 1 / classes) and the class entropy of the batch-mean "
+             "teacher distribution (1 = spread evenly over the classes):", "",
+             "| method | agreement (run mean) | agreement (last quarter) | class entropy | rounds |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {a['method']} | {f(a['agreement_mean'])} | {f(a['agreement_last_quarter'])} | "
+              f"{f(a['class_entropy_mean'])} | {'—' if a['rounds_mean'] is None else round(a['rounds_mean'])} |"
+              for a in table]
+    atomic_write_bytes(Path(mpath), (Path(mpath).read_text() + "\n".join(lines) + "\n").encode())
+    return table

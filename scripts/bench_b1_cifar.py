@@ -43,7 +43,7 @@ def main() -> None:
 
     import torch
 
-    from dfkd.bench import prepare_teacher, run_methods, write_results
+    from dfkd.bench import add_agreement, prepare_teacher, run_methods, write_results
 
     started = time.perf_counter()
     root = Path(args.data_root)
@@ -66,8 +66,9 @@ def main() -> None:
                        options={"deepinversion": "deepinversion_cifar"})
     extra = {"budget_minutes_per_method": args.budget_minutes, "student": args.student,
              "task": "CIFAR-10, pretrained ResNet-56 teacher", "cpu_mode": cpu}
-    _, md = write_results(name, f"B1 — CIFAR-10, ResNet-56 → {args.student}, {device.type}", args.out, rows,
-                          teacher_top1, extra, started)
+    js, md = write_results(name, f"B1 — CIFAR-10, ResNet-56 → {args.student}, {device.type}", args.out, rows,
+                           teacher_top1, extra, started)
+    add_agreement(js, md)  # each method's requested-class agreement beside its accuracy
     print(Path(md).read_text())
 
 

@@ -14,9 +14,7 @@ on the un-augmented images against the class each was made for), over the run an
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -51,17 +49,6 @@ DEFAULT_ROWS = ["adversarial_kl", "adversarial_bounded", "fast_meta_kl", "fast_m
 CPU = ["synthesizer.batch_size=64", "distill.batch_size=128", "distill.kd_steps=10", "distill.pool_size=20000"]
 
 
-def agreement(run_dir: Path) -> dict[str, float | None]:
-    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    accs = [r["syn/teacher_acc"] for r in recs if "syn/teacher_acc" in r]
-    ents = [r["syn/class_entropy"] for r in recs if "syn/class_entropy" in r]
-    if not accs:
-        return {"agreement_mean": None, "agreement_last_quarter": None, "class_entropy_mean": None, "rounds": len(recs)}
-    tail = accs[-max(1, len(accs) // 4):]
-    return {"agreement_mean": statistics.mean(accs), "agreement_last_quarter": statistics.mean(tail),
-            "class_entropy_mean": statistics.mean(ents) if ents else None, "rounds": len(recs)}
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, help=f"rows from: {', '.join(ROWS)}")
@@ -81,7 +68,7 @@ def main(argv=None) -> None:
     if bad:
         sys.exit(f"bench_b1_levers: error: unknown row(s) {bad}; known: {', '.join(ROWS)}")
 
-    from dfkd.bench import prepare_teacher, run_methods, write_results
+    from dfkd.bench import add_agreement, prepare_teacher, run_methods, write_results
 
     started = time.perf_counter()
     load_start = os.getloadavg()
@@ -94,8 +81,6 @@ def main(argv=None) -> None:
     out_dir = args.out / args.name
     rows = run_methods(args.rows, common, {r: ROWS[r][1] for r in args.rows}, args.seeds, out_dir,
                        options={r: ROWS[r][0] for r in args.rows})
-    for r in rows:
-        r.update(agreement(Path(r["run_dir"])))
     extra = {"budget_minutes_per_row": args.budget_minutes, "test_limit": args.test_limit,
              "threads": args.threads, "loadavg_start": list(load_start), "loadavg_end": list(os.getloadavg()),
              "note": "shared machine: wall-clock budgets buy less compute when the load average exceeds the "
@@ -103,27 +88,10 @@ def main(argv=None) -> None:
              "rows_definition": {r: {"synthesizer": ROWS[r][0], "overrides": ROWS[r][1]} for r in args.rows}}
     jpath, mpath = write_results(args.name, f"B1 levers — CIFAR-10, ResNet-56 → ResNet-20, {t['device'].type}",
                                  args.out, rows, t["teacher_top1"], extra, started)
-    result = json.loads(Path(jpath).read_text())
-    table = []
-    for name in args.rows:
-        rs = [r for r in result["runs"] if r["method"] == name]
-        vals = lambda k: [r[k] for r in rs if r.get(k) is not None]  # noqa: E731
-        table.append({"row": name, "agreement_mean": statistics.mean(vals("agreement_mean")) if vals("agreement_mean") else None,
-                      "agreement_last_quarter": statistics.mean(vals("agreement_last_quarter"))
-                      if vals("agreement_last_quarter") else None,
-                      "class_entropy_mean": statistics.mean(vals("class_entropy_mean")) if vals("class_entropy_mean") else None,
-                      "rounds_mean": statistics.mean(r["rounds"] for r in rs)})
-    result["agreement"] = table
-    Path(jpath).write_text(json.dumps(result, indent=1))
-    f = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
-    lines = ["", "Requested-class agreement (teacher arg-max on the un-augmented synthetic images = requested "
-             "class; chance 0.100) and class entropy of the batch-mean teacher distribution (1 = even):", "",
-             "| row | agreement (run mean) | agreement (last quarter) | class entropy | rounds |", "|---|---|---|---|---|"]
-    lines += [f"| {a['row']} | {f(a['agreement_mean'])} | {f(a['agreement_last_quarter'])} | "
-              f"{f(a['class_entropy_mean'])} | {a['rounds_mean']:.0f} |" for a in table]
-    lines += ["", f"- load average {load_start[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end "
-              f"({os.cpu_count()} cores, shared machine: times are noisy)",
-              "- rows: " + "; ".join(f"`{r}`: synthesizer={ROWS[r][0]} {' '.join(ROWS[r][1])}" for r in args.rows)]
+    add_agreement(jpath, mpath)
+    lines = ["", f"- load average {load_start[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end "
+             f"({os.cpu_count()} cores, shared machine: times are noisy)",
+             "- rows: " + "; ".join(f"`{r}`: synthesizer={ROWS[r][0]} {' '.join(ROWS[r][1])}" for r in args.rows)]
     with open(mpath, "a") as fh:
         fh.write("\n".join(lines) + "\n")
     print(Path(mpath).read_text())
