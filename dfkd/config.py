@@ -54,6 +54,7 @@ class DataConfig:
     name: str = "digits"                # digits | cifar10 | npz | image_folder | none | (detection) coco, yolo, voc
     root: Optional[str] = None          # folder of the dataset files (CIFAR-10 .npz, ...)
     path: Optional[str] = None          # a test folder or file (image_folder, npz, detection sets)
+    train_path: Optional[str] = None    # npz: train file(s) (a path or glob) — only the real-data ceiling uses them
     workers: int = 2                    # DataLoader workers for streamed test sets (image_folder)
     batch_size: int = 256               # evaluation batch size
     seed: int = 0                       # split seed (digits) / subset seed
@@ -76,17 +77,26 @@ class TeacherTrainConfig:
 @dataclass
 class TeacherConfig:
     model: Optional[str] = None         # a dfkd/timm/torchvision name; none: from the checkpoint's JSON
+    source: str = "auto"                # auto | dfkd | timm | torchvision
+    _target_: Optional[str] = None      # a user's builder, package.module:function (called with kwargs)
     kwargs: Dict[str, Any] = field(default_factory=dict)
     checkpoint: Optional[str] = None    # local file; none: train on the data's train split and cache
     train_if_missing: bool = False      # train (and cache) when no checkpoint is given
-    mean: Optional[List[float]] = None  # input normalisation; default: the dataset's
+    # the teacher's spec: each unset field comes from the checkpoint's JSON or metadata, or the model (dfkd.spec)
+    input_size: Optional[List[int]] = None   # [C, H, W]
+    num_classes: Optional[int] = None
+    mean: Optional[List[float]] = None  # input normalisation of [0, 1] pixels
     std: Optional[List[float]] = None
+    interpolation: Optional[str] = None # bilinear | bicubic | nearest: how test images are resized
+    crop_pct: Optional[float] = None    # resize to size / crop_pct, then centre-crop (timm's eval transform)
+    class_names: Optional[List[str]] = None
     train: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
 
 
 @dataclass
 class StudentConfig:
-    model: Optional[str] = None
+    model: Optional[str] = None         # none: a ViT chosen for the teacher (about half its parameters or fewer)
+    source: str = "auto"
     kwargs: Dict[str, Any] = field(default_factory=dict)
     checkpoint: Optional[str] = None    # initialise from a local file
 
@@ -169,8 +179,22 @@ class SynthesizeAppConfig:
     threads: Optional[int] = None
 
 
+@dataclass
+class EvalAppConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    model: Optional[str] = None         # a run folder or a model file with its JSON; none: the teacher config
+    output: Optional[str] = None
+    batch_size: int = 512
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+    threads: Optional[int] = None
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="distill_schema", node=DistillAppConfig)
     cs.store(name="train_teacher_schema", node=TrainTeacherAppConfig)
     cs.store(name="synthesize_schema", node=SynthesizeAppConfig)
+    cs.store(name="eval_schema", node=EvalAppConfig)

@@ -55,6 +55,28 @@ class DistillSettings:
     compile: bool = False           # torch.compile the student's training forward (the teacher keeps its hooks)
 
 
+    def validate(self) -> None:
+        """One-line errors for settings that would run but make no sense."""
+        from dfkd.errors import DfkdError
+
+        positive = {"rounds": self.rounds, "batch_size": self.batch_size}
+        for k, v in positive.items():
+            if not isinstance(v, int) or v <= 0:
+                raise DfkdError(f"distill.{k} must be a positive integer, got {v!r}")
+        for k, v in {"kd_steps": self.kd_steps, "pool_size": self.pool_size, "eval_every": self.eval_every,
+                     "checkpoint_every": self.checkpoint_every}.items():
+            if not isinstance(v, int) or v < 0:
+                raise DfkdError(f"distill.{k} must be a non-negative integer, got {v!r}")
+        if not self.lr > 0:
+            raise DfkdError(f"distill.lr must be positive, got {self.lr!r}")
+        if self.weight_decay < 0:
+            raise DfkdError(f"distill.weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not 0 <= self.warmup < 1:
+            raise DfkdError(f"distill.warmup is a fraction of the run in [0, 1), got {self.warmup!r}")
+        if self.budget_minutes is not None and self.budget_minutes <= 0:
+            raise DfkdError(f"distill.budget_minutes must be positive (or null), got {self.budget_minutes!r}")
+
+
 class Memory:
     """A ring buffer of synthetic images (stored as float16) with the labels they aimed at."""
 

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import dfkd
 from dfkd.augment import build_augment
-from dfkd.data import DataSpec, load_dataset
+from dfkd.data import DataSpec, fit_to_teacher, load_dataset
 from dfkd.distill import Distiller, DistillSettings, resolve_device
 from dfkd.errors import DfkdError, close_matches
 from dfkd.eval.classification import evaluate
@@ -58,12 +58,20 @@ def setup_runtime(cfg: Mapping[str, Any]) -> torch.device:
     return device
 
 
-def load_data(data_cfg: Mapping[str, Any], train: bool = True) -> DataSpec:
+def load_data(data_cfg: Mapping[str, Any], train: bool = True, spec=None) -> DataSpec:
     """Load the dataset; ``train=False`` skips the train split where reading it costs anything
-    (a data-free run needs only the test split)."""
+    (a data-free run needs only the test split). With a teacher ``spec`` the data is fitted to the
+    teacher: resized the way it expects, labels mapped to its classes by name."""
+    from dfkd.data import fit_to_teacher
+
     kw = dict(_plain(data_cfg))
     name = kw.pop("name")
-    return load_dataset(name, train=train, **{k: v for k, v in kw.items() if v is not None})
+    for k in ("batch_size",):
+        kw.pop(k, None)
+    if name != "image_folder":
+        kw.pop("workers", None)
+    data = load_dataset(name, train=train, **{k: v for k, v in kw.items() if v is not None})
+    return fit_to_teacher(data, spec) if spec is not None else data
 
 
 def _wrap_kwargs(data: DataSpec, kwargs: dict) -> dict:
@@ -71,31 +79,127 @@ def _wrap_kwargs(data: DataSpec, kwargs: dict) -> dict:
     return kw
 
 
-def build_teacher(teacher_cfg: Mapping[str, Any], data: DataSpec, device: torch.device,
-                  seed: int = 0, progress: bool = True) -> Teacher:
-    """Build the teacher from its config; with no checkpoint and ``train_if_missing``, train and cache it."""
-    tc = _plain(teacher_cfg)
-    kwargs = _wrap_kwargs(data, tc.get("kwargs") or {})
-    mean = tc.get("mean") or list(data.mean)
-    std = tc.get("std") or list(data.std)
-    ckpt = tc.get("checkpoint")
-    model = build_model(tc["model"], **kwargs)
-    if ckpt:
-        from dfkd.models.checkpoint import load_checkpoint_into
+SPEC_FIELDS = ("input_size", "num_classes", "mean", "std", "interpolation", "crop_pct", "class_names")
 
-        load_checkpoint_into(model, ckpt)
-    elif tc.get("train_if_missing"):
-        if data.train is None:
+
+def _head_classes(ckpt: Mapping[str, torch.Tensor], name: Optional[str]) -> Optional[int]:
+    """The class count a checkpoint's classifier head has (timm's pretrained_cfg names the head)."""
+    heads = []
+    try:
+        import timm
+
+        if name and timm.is_model(name):
+            cls = timm.models.get_pretrained_cfg(name)
+            if cls is not None and getattr(cls, "classifier", None):
+                c = cls.classifier
+                heads += list(c) if isinstance(c, (list, tuple)) else [c]
+    except Exception:  # noqa: BLE001 - only a hint
+        pass
+    heads += ["head", "head.fc", "fc", "classifier", "linear", "head.l", "last_linear", "classifier.1",
+              "classifier.6", "heads.head"]
+    for h in heads:
+        w = ckpt.get(f"{h}.weight")
+        if isinstance(w, torch.Tensor) and w.dim() == 2:
+            return int(w.shape[0])
+    return None
+
+
+def _build_or_retry(name: str, source: str, kwargs: dict) -> torch.nn.Module:
+    """Build; a task-derived keyword the model does not take (``img_size`` on a CNN) is dropped."""
+    try:
+        return build_model(name, source=source, **kwargs)
+    except DfkdError as e:
+        for k in ("img_size", "in_chans"):
+            if k in kwargs and k in str(e):
+                return _build_or_retry(name, source, {kk: v for kk, v in kwargs.items() if kk != k})
+        raise
+
+
+def build_teacher_model(tc: Mapping[str, Any], num_classes: Optional[int] = None):
+    """The teacher network from its config: a dfkd/timm/torchvision name (``teacher.model``, or the one the
+    checkpoint's JSON or timm ``args`` names), or a user's builder (``teacher._target_``), with the checkpoint
+    loaded. Returns (model, spec layers in priority order, a note of which weights were used)."""
+    from dfkd.models import import_callable
+    from dfkd.models.checkpoint import load_checkpoint_into, read_checkpoint
+    from dfkd.spec import from_checkpoint_args, json_beside
+
+    ckpt_path = tc.get("checkpoint")
+    beside = json_beside(ckpt_path)
+    ck = read_checkpoint(ckpt_path) if ckpt_path else None
+    args = (ck.meta.get("args") if ck is not None else None) or {}
+    target = tc.get("_target_")
+    name = tc.get("model") or beside.get("model") or args.get("model") or (ck.meta.get("arch") if ck is not None else None)
+    kwargs = dict(beside.get("kwargs") or {}) if beside.get("model") in (None, name) else {}
+    if args.get("model") in (None, name) and isinstance(args.get("model_kwargs"), Mapping):
+        kwargs.update(args["model_kwargs"])  # timm's train.py --model-kwargs
+    kwargs.update(tc.get("kwargs") or {})
+    config_layer = {k: tc.get(k) for k in SPEC_FIELDS}
+    if target is None and not name:
+        raise DfkdError("no teacher model named: set teacher.model=NAME (dfkd, timm or torchvision) or "
+                        "teacher._target_=package.module:builder, or give a checkpoint with dfkd's JSON beside it")
+    if target is None:
+        n = config_layer.get("num_classes") or num_classes or beside.get("num_classes") or args.get("num_classes")
+        if n is None and ck is not None:
+            n = _head_classes(ck, name)
+        if n is not None:
+            kwargs.setdefault("num_classes", int(n))
+        if args and "img_size" not in kwargs and args.get("img_size"):
+            kwargs["img_size"] = args["img_size"]
+        if args and "in_chans" not in kwargs and args.get("in_chans"):
+            kwargs["in_chans"] = args["in_chans"]
+        model = _build_or_retry(name, str(tc.get("source") or "auto"), kwargs)
+    else:
+        try:
+            model = import_callable(str(target))(**kwargs)
+        except DfkdError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the user's builder
+            raise DfkdError(f"teacher._target_={target!r} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        if not isinstance(model, torch.nn.Module):
+            raise DfkdError(f"teacher._target_={target!r} returned {type(model).__name__}, not an nn.Module")
+    used = ""
+    if ckpt_path:
+        ck = load_checkpoint_into(model, ckpt_path)
+        used = ck.source
+        if ck.source.startswith("state_dict_ema"):
+            log.info("teacher: using the EMA weights (state_dict_ema) of %s", ckpt_path)
+    layers = [("config", config_layer), ("checkpoint JSON", beside), ("checkpoint args", from_checkpoint_args(args))]
+    return model, layers, {"name": name or str(target), "kwargs": kwargs, "weights": used}
+
+
+def build_teacher(teacher_cfg: Mapping[str, Any], data: Optional[DataSpec], device: torch.device,
+                  seed: int = 0, progress: bool = True) -> Teacher:
+    """Build the teacher from its config; its spec (input size, classes, normalisation) comes from the
+    teacher (see :mod:`dfkd.spec`). With no checkpoint and ``train_if_missing``, it is trained on ``data``'s
+    train split and cached, and then the dataset defines its spec."""
+    from dfkd.models.checkpoint import load_checkpoint_into
+    from dfkd.spec import check_output_size, from_model, json_beside, resolve_spec
+
+    tc = _plain(teacher_cfg)
+    ckpt = tc.get("checkpoint")
+    if ckpt or tc.get("_target_") or not tc.get("train_if_missing"):
+        if not ckpt and not tc.get("_target_"):
+            raise DfkdError(f"teacher {tc.get('model')!r} has no checkpoint: set teacher.checkpoint=PATH "
+                            "(or teacher.train_if_missing=true to train one on the data's train split)")
+        model, layers, info = build_teacher_model(tc)
+        path = ckpt
+    else:
+        if data is None or data.train is None:
             raise DfkdError("teacher.train_if_missing needs a dataset with a train split")
+        kwargs = _wrap_kwargs(data, tc.get("kwargs") or {})
+        mean = tc.get("mean") or list(data.mean)
+        std = tc.get("std") or list(data.std)
+        model = build_model(tc["model"], **kwargs)
         key = json.dumps({"model": tc["model"], "kwargs": kwargs, "train": tc.get("train"), "mean": mean,
                           "std": std, "data": data.name, "n_train": len(data.train), "seed": seed},
                          sort_keys=True)
         digest = hashlib.sha256(key.encode()).hexdigest()[:12]
         path = cache_dir() / "teachers" / f"{data.name}_{tc['model']}_{digest}.safetensors"
+        build = {"model": tc["model"], "kwargs": kwargs, "mean": mean, "std": std,
+                 "input_size": list(data.input_size), "num_classes": data.num_classes,
+                 "class_names": list(data.class_names) or None}
         if path.is_file():
             log.info("teacher: cached %s", path)
-            from dfkd.models.checkpoint import load_checkpoint_into
-
             load_checkpoint_into(model, path)
         else:
             log.info("teacher: training %s on the %s train split (cached at %s)", tc["model"], data.name, path)
@@ -104,18 +208,31 @@ def build_teacher(teacher_cfg: Mapping[str, Any], data: DataSpec, device: torch.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 train_classifier_from_cfg(net, data, tr, device, seed, progress)
-            save_model(model, path, build={"model": tc["model"], "kwargs": kwargs, "mean": mean, "std": std,
-                                           "input_size": list(data.input_size)})
+            save_model(model, path, build=build)
             from dfkd.priors_vit import save_teacher_token_statistics  # ViT teachers: like BatchNorm running stats
 
             save_teacher_token_statistics(net, data.train, path, seed=seed)
-    else:
-        raise DfkdError(f"teacher {tc['model']!r} has no checkpoint: set teacher.checkpoint=PATH "
-                        "(or teacher.train_if_missing=true to train one on the data's train split)")
+        layers = [("config", {k: tc.get(k) for k in SPEC_FIELDS}), ("checkpoint JSON", json_beside(path)),
+                  (f"trained on {data.name}", build)]
+        info = {"name": tc["model"], "kwargs": kwargs, "weights": "trained here"}
+    own, source = from_model(model)
+    layers.append((source, own))
+    if not any(layer.get("num_classes") for _, layer in layers):
+        probe = next((layer.get("input_size") for _, layer in layers if layer.get("input_size")), None)
+        if probe is not None:  # the model's own output width
+            with torch.no_grad():
+                out = model.eval()(torch.rand(1, *[int(v) for v in probe]))
+            layers.append(("model output", {"num_classes": int(out.shape[-1])}))
+    spec = resolve_spec(layers)
+    check_output_size(model, spec)
     from dfkd.priors_vit import attach_saved_token_statistics  # *.token_stats.safetensors beside a ViT checkpoint
 
-    attach_saved_token_statistics(model, ckpt or path)
-    return Teacher(model, mean, std, data.input_size, data.num_classes).to(device)
+    if path:
+        attach_saved_token_statistics(model, path)
+    log.info("%s", spec.describe())
+    teacher = Teacher.from_spec(model, spec).to(device)
+    teacher.build_info = info
+    return teacher
 
 
 def train_classifier_from_cfg(net: Normalized, data: DataSpec, tr: Mapping[str, Any], device, seed: int,
@@ -129,15 +246,94 @@ def train_classifier_from_cfg(net: Normalized, data: DataSpec, tr: Mapping[str, 
                             seed=seed, progress=progress, optimizer=str(tr.get("optimizer", "sgd")))
 
 
-def build_student(student_cfg: Mapping[str, Any], data: DataSpec, mean, std) -> tuple[Normalized, dict]:
-    """The student takes [0, 1] images normalised like the teacher's."""
+# ViT students chosen for a teacher when none is named (student=auto): width, depth, heads, MLP ratio,
+# largest first; the first one with at most half the teacher's parameters is taken.
+AUTO_VIT_LADDER = ((192, 12, 3, 4.0), (192, 6, 3, 4.0), (128, 6, 4, 4.0), (128, 4, 4, 2.0), (96, 4, 4, 2.0),
+                   (64, 4, 4, 2.0), (48, 4, 4, 2.0), (32, 4, 4, 2.0), (32, 2, 2, 2.0), (16, 2, 2, 2.0),
+                   (16, 1, 2, 2.0))
+
+
+def _spec_of(spec_or_data, mean=None, std=None):
+    from dfkd.spec import TeacherSpec
+
+    if isinstance(spec_or_data, TeacherSpec):
+        return spec_or_data
+    d = spec_or_data  # a DataSpec (older callers): its size and classes, the given normalisation
+    return TeacherSpec(tuple(d.input_size), int(d.num_classes), list(mean if mean is not None else d.mean),
+                       list(std if std is not None else d.std), class_names=list(d.class_names) or None)
+
+
+def _patch_for(side: int) -> int:
+    return 2 if side <= 16 else 4 if side <= 64 else 16
+
+
+def auto_student(spec, teacher_params: Optional[int]) -> tuple[str, dict]:
+    """A timm ViT for the teacher's input: patches of 2 px up to 16-px images, 4 px up to 64, 16 above;
+    the widest of :data:`AUTO_VIT_LADDER` with at most half the teacher's parameters."""
+    c, h, w = spec.input_size
+    base = {"img_size": [h, w] if h != w else h, "patch_size": _patch_for(min(h, w)), "in_chans": c,
+            "num_classes": spec.num_classes}
+    if min(h, w) < 64:
+        base.update(global_pool="avg", class_token=False)
+    chosen = None
+    for e, d, nh, m in AUTO_VIT_LADDER:
+        kw = {**base, "embed_dim": e, "depth": d, "num_heads": nh, "mlp_ratio": m}
+        if teacher_params is None:
+            chosen = kw if min(h, w) >= 128 or e <= 64 else None
+            if chosen:
+                break
+            continue
+        n = count_parameters(build_model("vit_tiny_patch16_224", **kw))
+        chosen = kw
+        if n <= teacher_params // 2:
+            break
+    return "vit_tiny_patch16_224", chosen
+
+
+def build_student(student_cfg: Mapping[str, Any], spec, mean=None, std=None,
+                  teacher_params: Optional[int] = None) -> tuple[Normalized, dict]:
+    """The student takes [0, 1] images normalised like the teacher's, at the teacher's input size, with its
+    class count: ``num_classes``, ``in_chans`` and (for ViTs) ``img_size`` come from the teacher's spec
+    unless ``student.kwargs`` sets them. With no ``student.model``, :func:`auto_student` picks a ViT."""
+    spec = _spec_of(spec, mean, std)
     sc = _plain(student_cfg)
-    kwargs = {"num_classes": data.num_classes, **(sc.get("kwargs") or {})}
-    model = build_model(sc["model"], checkpoint=sc.get("checkpoint"), **kwargs)
-    student = Normalized(model, mean, std, data.input_size, data.num_classes)
+    c, h, w = spec.input_size
+    name = sc.get("model")
+    user = dict(sc.get("kwargs") or {})
+    if not name:
+        name, kwargs = auto_student(spec, teacher_params)
+        kwargs.update(user)
+    else:
+        kwargs = {"num_classes": spec.num_classes, **user}
+        import timm
+
+        if name not in MODELS_REGISTRY() and timm.is_model(name):
+            kwargs.setdefault("in_chans", c)
+            kwargs.setdefault("img_size", [h, w] if h != w else h)
+        elif name in MODELS_REGISTRY():
+            import inspect as _inspect
+
+            from dfkd.models import MODELS
+
+            params = _inspect.signature(MODELS.get(name)).parameters
+            if "in_chans" in params:
+                kwargs.setdefault("in_chans", c)
+    model = _build_or_retry(name, str(sc.get("source") or "auto"), kwargs)
+    if sc.get("checkpoint"):
+        from dfkd.models.checkpoint import load_checkpoint_into
+
+        load_checkpoint_into(model, sc["checkpoint"])
+    student = Normalized(model, spec.mean, spec.std, spec.input_size, spec.num_classes)
     meta = student.metadata()
-    build = {"model": sc["model"], "kwargs": kwargs, **meta, "dfkd_version": dfkd.__version__}
+    build = {"model": name, "kwargs": kwargs, **meta, "interpolation": spec.interpolation,
+             "crop_pct": spec.crop_pct, "class_names": spec.class_names, "dfkd_version": dfkd.__version__}
     return student, build
+
+
+def MODELS_REGISTRY():
+    from dfkd.models import MODELS
+
+    return MODELS
 
 
 def check_named_cfg(group: str, node: Mapping[str, Any], registry, reserved=()) -> tuple[Any, str, dict]:
@@ -248,30 +444,47 @@ def run_distill(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path) -> dic
 
     check_task(syn_cls, syn_name, "classification")
     tc = _plain(cfg["teacher"])
-    need_train = getattr(syn_cls, "needs_real_data", False) or (tc.get("train_if_missing") and not tc.get("checkpoint"))
-    data = load_data(cfg["data"], train=bool(need_train))
-    student, build = build_student(cfg["student"], data, tc.get("mean") or data.mean, tc.get("std") or data.std)
-    student_loss = build_loss_from_cfg(cfg["loss"])
-    settings = DistillSettings(**_plain(cfg["distill"]))
-    aug = build_augment(data.input_size, **_plain(cfg["augment"]))
+    needs_real = bool(getattr(syn_cls, "needs_real_data", False))
+    trains_teacher = bool(tc.get("train_if_missing") and not tc.get("checkpoint") and not tc.get("_target_"))
     # a stored dataset distilled with its stored logits needs no teacher
     stored_only = (_plain(cfg["synthesizer"]).get("name") == "stored"
                    and str(_plain(cfg["distill"]).get("teacher_logits")) == "stored")
+    raw = load_data(cfg["data"], train=needs_real or trains_teacher)  # paths are checked here, before the teacher
+    if needs_real and raw.train is None:
+        raise DfkdError(f"synthesizer {syn_name!r} needs real train images; data {raw.name!r} has no train split "
+                        "(data=npz data.train_path=... or a built-in dataset)")
+    student_loss = build_loss_from_cfg(cfg["loss"])
+    settings = DistillSettings(**_plain(cfg["distill"]))
+    settings.validate()
+    check_synthesizer_settings(cfg["synthesizer"])
     if not D.is_main():
         D.barrier()  # rank 0 trains (or finds) the cached teacher first
-    teacher = None if stored_only else build_teacher(cfg["teacher"], data, device, seed=seed,
-                                                     progress=progress and D.is_main())
+    if stored_only:
+        teacher = None
+        spec = stored_spec(cfg["synthesizer"])
+    else:
+        if trains_teacher:  # the student's settings are checked before the teacher trains
+            build_student(cfg["student"], _spec_of(raw, tc.get("mean"), tc.get("std")))
+        teacher = build_teacher(cfg["teacher"], raw if trains_teacher else None, device, seed=seed,
+                                progress=progress and D.is_main())
+        spec = teacher.spec
     if D.is_main():
         D.barrier()
+    data = fit_to_teacher(raw, spec)
     t_teacher = time.perf_counter() - t_start
-    teacher_eval = evaluate(teacher, data.test, device=device) if teacher is not None else {"top1": None}
+    teacher_params = count_parameters(teacher.model) if teacher is not None else None
+    student, build = build_student(cfg["student"], spec, teacher_params=teacher_params)
+    aug = build_augment(spec.input_size, **_plain(cfg["augment"]))
+    teacher_eval = evaluate(teacher, data.test, device=device) if teacher is not None and data.test is not None \
+        else {"top1": None}
     # each rank synthesizes its own samples: a seed of its own
     synth = build_synthesizer_from_cfg(cfg["synthesizer"], teacher, data, seed + 1000 * D.rank(), device)
-    if tuple(synth.input_size) != tuple(data.input_size) or synth.num_classes != data.num_classes:
+    if tuple(synth.input_size) != tuple(spec.input_size) or synth.num_classes != spec.num_classes:
         raise DfkdError(f"the synthesizer's images ({synth.num_classes} classes, {tuple(synth.input_size)}) do not "
-                        f"fit data {data.name!r} ({data.num_classes} classes, {tuple(data.input_size)})")
+                        f"fit the teacher ({spec.num_classes} classes, {tuple(spec.input_size)})")
     if D.is_main():
         atomic_write_json(run_dir / "config.json", _plain(cfg))
+        atomic_write_json(run_dir / "teacher_spec.json", {**spec.to_json(), "sources": spec.sources})
     distiller = Distiller(teacher, student, synth, settings, data.test, augment=aug, run_dir=run_dir,
                           device=device, seed=seed + 1000 * D.rank(), progress=progress, loss=student_loss)
     result = distiller.fit(resume=bool(cfg.get("resume", True)))
@@ -281,7 +494,7 @@ def run_distill(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path) -> dic
     if distiller.memory.size:
         save_sample_grid(distiller.memory.images[: distiller.memory.size].float(),
                          distiller.memory.labels[: distiller.memory.size], run_dir / "samples.png",
-                         data.num_classes)
+                         spec.num_classes)
     summary = {
         "teacher_top1": teacher_eval["top1"],
         "student_top1": result["student_top1"],
@@ -295,10 +508,20 @@ def run_distill(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path) -> dic
         "run_dir": str(run_dir),
         "synthesizer": _plain(cfg["synthesizer"]).get("name"),
         "synth_images_per_second": result["synth_images_per_second"],
+        "student_model": build["model"],
         "student_params": count_parameters(student.model),
-        "teacher_params": count_parameters(teacher.model) if teacher is not None else None,
+        "teacher_params": teacher_params,
+        "compression": (teacher_params / count_parameters(student.model)) if teacher_params else None,
+        "test_set": None if data.test is None else {
+            "name": data.name, "images": teacher_eval.get("n", len(data.test)),
+            "unreadable_skipped": int(getattr(data.test, "skipped", 0))},
+        "teacher_spec": {**spec.to_json(), "sources": spec.sources},
+        "synthesis": synthesis_stats(distiller.history),
         "device": str(device),
         "peak_memory_mb": peak_memory_mb(device),
+        "peak_host_memory_mb": peak_memory_mb(torch.device("cpu")),
+        "checkpoint_mb": (distiller.checkpoint_path.stat().st_size / 2**20
+                          if distiller.checkpoint_path is not None and distiller.checkpoint_path.is_file() else None),
         "seed": seed,
         "hardware": hardware(),
         "dfkd_version": dfkd.__version__,
@@ -307,14 +530,64 @@ def run_distill(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path) -> dic
     return summary
 
 
+def synthesis_stats(history: list[dict]) -> dict[str, float]:
+    """The mean of every synthesis statistic the rounds logged (``syn/...`` and friends)."""
+    skip = {"round", "wall", "lr", "kd_loss"}
+    acc: dict[str, list[float]] = {}
+    for rec in history:
+        for k, v in rec.items():
+            if k not in skip and not k.startswith("test/") and isinstance(v, (int, float)):
+                acc.setdefault(k, []).append(float(v))
+    return {k: sum(v) / len(v) for k, v in acc.items()}
+
+
+def stored_spec(syn_cfg: Mapping[str, Any]):
+    """The teacher's spec as a stored dataset's manifest recorded it (a run that needs no teacher)."""
+    from dfkd.data.store import SyntheticStore
+    from dfkd.spec import resolve_spec
+
+    path = _plain(syn_cfg).get("path")
+    if not path:
+        raise DfkdError("synthesizer=stored needs synthesizer.path=DATASET")
+    store = SyntheticStore(path, verify=False)
+    t = store.teacher
+    layer = {"input_size": list(store.input_size), "num_classes": store.num_classes, "mean": t.get("mean"),
+             "std": t.get("std"), "class_names": store.class_names}
+    return resolve_spec([("stored dataset manifest", layer)])
+
+
+def check_synthesizer_settings(syn_cfg: Mapping[str, Any]) -> None:
+    """Cheap range checks on the common synthesizer settings, before any long work."""
+    kw = _plain(syn_cfg)
+    for k in ("batch_size",):
+        if k in kw and (not isinstance(kw[k], int) or kw[k] <= 0):
+            raise DfkdError(f"synthesizer.{k} must be a positive integer, got {kw[k]!r}")
+    for k in ("iterations", "steps", "g_steps", "max_rounds"):
+        if k in kw and kw[k] is not None and (not isinstance(kw[k], int) or kw[k] < 0):
+            raise DfkdError(f"synthesizer.{k} must be a non-negative integer, got {kw[k]!r}")
+    for k in ("lr",):
+        if k in kw and kw[k] is not None and float(kw[k]) <= 0:
+            raise DfkdError(f"synthesizer.{k} must be positive, got {kw[k]!r}")
+    if kw.get("name") in ("stored", "diffusion") and kw.get("path"):
+        p = Path(str(kw["path"])).expanduser()
+        if not p.exists():
+            raise DfkdError(f"synthesizer.path not found: {p}")
+
+
 def format_summary(summary: Mapping[str, Any], run_dir: Path) -> str:
     if summary.get("task") == "detection":
         from dfkd.detection.run import format_detection_summary
 
         return format_detection_summary(summary, run_dir)
+    no_data = summary.get("test_set") is None and "test_set" in summary
+    dash = "- (no test data)" if no_data else "-"
+    tp, sp = summary.get("teacher_params"), summary.get("student_params")
     rows = [
-        ("teacher top-1", f"{summary['teacher_top1']:.4f}" if summary.get("teacher_top1") is not None else "-"),
-        ("student top-1", f"{summary['student_top1']:.4f}" if summary.get("student_top1") is not None else "-"),
+        ("teacher top-1", f"{summary['teacher_top1']:.4f}" if summary.get("teacher_top1") is not None else dash),
+        ("student top-1", f"{summary['student_top1']:.4f}" if summary.get("student_top1") is not None else dash),
+        ("teacher params", f"{tp:,}" if tp else "-"),
+        ("student params", f"{sp:,}" if sp else "-"),
+        ("compression", f"{tp / sp:.1f}x fewer parameters" if tp and sp else "-"),
         ("synthesizer", str(summary.get("synthesizer"))),
         ("wall time", f"{summary['wall_seconds']:.1f} s"),
         ("run folder", str(run_dir)),

@@ -82,6 +82,64 @@ def validate_overrides(config_name: str, args: list[str]) -> None:
         GlobalHydra.instance().clear()
 
 
+_FREE_DICTS = ("teacher.kwargs.", "student.kwargs.", "detection.")
+
+
+def normalize_overrides(args: list[str]) -> list[str]:
+    """Make the command line mean what a user means by it:
+
+    - ``teacher.kwargs.img_size=32`` adds the key (Hydra would need ``+``);
+    - ``student.model=NAME`` without choosing a student group starts from ``student=auto`` (no keyword
+      arguments): the default group's ``kwargs`` were written for another model and would otherwise
+      silently apply to this one (``student.kwargs.X=...`` given as well still applies)."""
+    out = []
+    keys = {a.split("=", 1)[0].lstrip("+~") for a in args if "=" in a}
+    if "student.model" in keys and "student" not in keys:
+        out.append("student=auto")
+    for a in args:
+        key = a.split("=", 1)[0]
+        if "=" in a and key.startswith(_FREE_DICTS) and not a.startswith(("+", "~")):
+            a = "++" + a
+        out.append(a)
+    return out
+
+
+def check_writable(path: str | os.PathLike, what: str) -> None:
+    """A one-line error now rather than a traceback after the work: ``path`` (a folder to be made) must be
+    creatable and writable."""
+    p = Path(path).expanduser().absolute()
+    probe = p
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise DfkdError(f"{what} {p}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise DfkdError(f"{what} {p} is not writable")
+
+
+def _output_dirs(config_name: str, args: list[str]) -> list[tuple[str, str]]:
+    """The folders a command will write, from its composed config (with Hydra's own settings)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=args, return_hydra_config=True)
+            from hydra.core.hydra_config import HydraConfig
+
+            HydraConfig.instance().set_config(cfg)
+            out = [("hydra.run.dir", str(cfg.hydra.run.dir))]
+            if "output" in cfg and cfg.output is not None and not OmegaConf.is_missing(cfg, "output"):
+                out.append(("output", str(cfg.output)))
+            return out
+    except Exception:  # noqa: BLE001 - composition errors are reported by validate_overrides
+        return []
+    finally:
+        GlobalHydra.instance().clear()
+
+
 def hydra_app(prog: str, config_name: str, task: Callable[[Any], Any]) -> Callable[[], None]:
     """Build the console entry point for ``task(cfg)``."""
 
@@ -93,8 +151,12 @@ def hydra_app(prog: str, config_name: str, task: Callable[[Any], Any]) -> Callab
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         args = sys.argv[1:]
         if _plain_overrides(args):
+            args = normalize_overrides(args)
+            sys.argv = [sys.argv[0], *args]
             try:
                 validate_overrides(config_name, args)
+                for what, path in _output_dirs(config_name, args):
+                    check_writable(path, what)
             except DfkdError as e:
                 fail(prog, str(e))
         register_configs()

@@ -1,0 +1,147 @@
+"""Bring your own teacher: a timm training checkpoint, an image folder of another size, the real commands."""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT
+
+TINY = ["distill.rounds=2", "distill.kd_steps=3", "distill.eval_every=1", "distill.batch_size=16",
+        "synthesizer.iterations=2", "synthesizer.batch_size=8", "progress=false", "threads=1"]
+VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+
+
+def cli(module: str, *args, env=None, timeout=300):
+    full = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=full,
+                          timeout=timeout, cwd=str(ROOT))
+
+
+def clean_error(r, *needles):
+    assert r.returncode == 2, (r.returncode, r.stdout[-500:], r.stderr[-2000:])
+    err = r.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    for n in needles:
+        assert n in err, err
+
+
+def timm_training_checkpoint(path, num_classes=3, seed=0):
+    """What timm's train.py writes: args (a Namespace), state_dict and state_dict_ema (differing)."""
+    import timm
+
+    torch.manual_seed(seed)
+    ema = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=num_classes, **VIT)
+    raw = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=num_classes, **VIT)
+    with torch.no_grad():
+        ema.head.weight.mul_(20)  # confident, so that the EMA's predictions differ from the raw weights'
+    args = argparse.Namespace(model="vit_tiny_patch16_224", num_classes=num_classes, img_size=32, in_chans=None,
+                              input_size=None, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], interpolation="bilinear",
+                              crop_pct=1.0, model_kwargs={k: v for k, v in VIT.items() if k != "img_size"},
+                              lr=0.1, epochs=3, model_ema=True)
+    torch.save({"epoch": 3, "arch": "vit_tiny_patch16_224", "state_dict": raw.state_dict(),
+                "state_dict_ema": ema.state_dict(), "optimizer": {"state": {}, "param_groups": []},
+                "version": 2, "args": args, "metric": 0.5}, path)
+    return ema.eval(), raw.eval()
+
+
+def image_folder(root, classes=("cat", "dog", "fish"), per_class=6, size=40, seed=0):
+    rng = np.random.default_rng(seed)
+    for k, c in enumerate(classes):
+        d = root / c
+        d.mkdir(parents=True)
+        for i in range(per_class):
+            img = (rng.random((size, size, 3)) * 255).astype(np.uint8)
+            img[..., k % 3] = 255 - k * 40  # a class-dependent tint
+            Image.fromarray(img).save(d / (f"{i}.png" if i % 2 else f"{i}.jpg"), quality=95)
+    return root
+
+
+def test_timm_checkpoint_and_image_folder_through_the_commands(tmp_path):
+    ckpt = tmp_path / "last.pth.tar"
+    ema, raw = timm_training_checkpoint(ckpt)
+    folder = image_folder(tmp_path / "test")
+    (folder / "cat" / "notes.txt").write_text("not an image")       # ignored: no image extension
+    (folder / "dog" / "broken.png").write_bytes(b"\x89PNG garbage")  # skipped and counted
+    run = tmp_path / "run"
+    r = cli("dfkd.cli.distill", "teacher=timm", "teacher.model=vit_tiny_patch16_224", f"teacher.checkpoint={ckpt}",
+            "data=image_folder", f"data.path={folder}", *TINY, f"hydra.run.dir={run}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for row in ("teacher top-1", "student top-1", "teacher params", "student params", "compression"):
+        assert row in r.stdout, r.stdout
+    assert "EMA weights" in r.stdout + r.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    spec = summary["teacher_spec"]
+    assert spec["input_size"] == [3, 32, 32] and spec["num_classes"] == 3
+    assert spec["sources"]["input_size"] == "checkpoint args" and spec["mean"] == [0.5, 0.5, 0.5]
+    assert summary["test_set"]["images"] == 18  # the 18 readable images; the broken one skipped
+    assert summary["student_params"] < summary["teacher_params"]
+    # the teacher's top-1 is the EMA weights' on the folder as the teacher sees it (resize 40 -> 32)
+    from dfkd.data.folder import scan_image_folder
+    from dfkd.eval.classification import evaluate
+    from dfkd.spec import TeacherSpec
+    from dfkd.teacher import Normalized
+
+    ts = TeacherSpec((3, 32, 32), 3, [0.5] * 3, [0.25] * 3, "bilinear", 1.0)
+    data = scan_image_folder(folder, workers=0)
+    data.test.set_transform(ts.eval_transform())
+    want = evaluate(Normalized(ema, ts.mean, ts.std, ts.input_size, 3), data.test)["top1"]
+    other = evaluate(Normalized(raw, ts.mean, ts.std, ts.input_size, 3), data.test)["top1"]
+    assert summary["teacher_top1"] == pytest.approx(want)
+    assert want != other  # so the line above tells EMA from raw weights
+    # dfkd-eval on the run folder: the same test set, the same top-1, to the last digit
+    e = cli("dfkd.cli.evaluate", f"model={run}", "threads=1")
+    assert e.returncode == 0, e.stderr[-2000:]
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["top1"] == summary["student_top1"] and ev["images"] == 18
+    assert (run / "confusion.png").is_file() and len(ev["confusion"]) == 3
+    # and the teacher through dfkd-eval's teacher path
+    t = cli("dfkd.cli.evaluate", "teacher=timm", "teacher.model=vit_tiny_patch16_224", f"teacher.checkpoint={ckpt}",
+            "data=image_folder", f"data.path={folder}", f"output={tmp_path / 'teval'}", "threads=1",
+            f"hydra.run.dir={tmp_path / 'h'}")
+    assert t.returncode == 0, t.stderr[-2000:]
+    assert json.loads((tmp_path / "teval" / "eval.json").read_text())["top1"] == pytest.approx(want)
+
+
+def test_data_none_is_purely_data_free(tmp_path):
+    ckpt = tmp_path / "last.pth.tar"
+    timm_training_checkpoint(ckpt)
+    run = tmp_path / "run"
+    r = cli("dfkd.cli.distill", "teacher=timm", "teacher.model=vit_tiny_patch16_224", f"teacher.checkpoint={ckpt}",
+            "data=none", *TINY, f"hydra.run.dir={run}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "no test data" in r.stdout
+    s = json.loads((run / "summary.json").read_text())
+    assert s["teacher_top1"] is None and s["student_top1"] is None and s["test_set"] is None
+    assert s["synthesis"] and "syn/loss" in s["synthesis"]
+    assert (run / "student.safetensors").is_file() and (run / "samples.png").is_file()
+    import dfkd
+
+    student = dfkd.load_student(run)
+    assert student.spec.input_size == (3, 32, 32)
+    assert student(torch.rand(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_folder_class_names_map_to_the_teachers(tmp_path):
+    """A folder with a subset of the teacher's classes evaluates on that subset, by name."""
+    from dfkd.data import fit_to_teacher, load_dataset
+    from dfkd.errors import DfkdError
+    from dfkd.spec import TeacherSpec
+
+    folder = image_folder(tmp_path / "f", classes=("dog", "cat"), per_class=2, size=12)
+    ts = TeacherSpec((1, 8, 8), 4, [0.5], [0.5], class_names=["bird", "cat", "deer", "dog"])
+    data = fit_to_teacher(load_dataset("image_folder", path=folder), ts)
+    data.test.workers = 0
+    x, y = next(data.test.batches(8))
+    assert x.shape == (4, 1, 8, 8) and sorted(y.tolist()) == [1, 1, 3, 3]
+    with pytest.raises(DfkdError, match="'fish' is not one of the teacher's classes"):
+        fit_to_teacher(load_dataset("image_folder", path=image_folder(tmp_path / "g", classes=("cat", "fish"),
+                                                                      per_class=1, size=8)), ts)
+    with pytest.raises(DfkdError, match="has 2 classes, the teacher 4 and no class names"):
+        fit_to_teacher(load_dataset("image_folder", path=folder), TeacherSpec((1, 8, 8), 4, [0.5], [0.5]))
