@@ -30,6 +30,10 @@ def load_model(path: str | Path, device: str = "cpu") -> nn.Module:
                         "writes beside a model (or build the model yourself and use load_checkpoint_into)")
     model = build_model(build["model"], checkpoint=path, source=str(build.get("source") or "auto"),
                         **(build.get("kwargs") or {}))
+    if build.get("norm_eps") is not None:
+        from dfkd.models.convert import apply_norm_eps
+
+        apply_norm_eps(model, build["norm_eps"])
     spec = resolve_spec([("model JSON", build)])
     net = Normalized(model, spec.mean, spec.std, spec.input_size, spec.num_classes)
     net.spec = spec

@@ -157,6 +157,10 @@ def build_teacher_model(tc: Mapping[str, Any], num_classes: Optional[int] = None
             raise DfkdError(f"teacher._target_={target!r} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
         if not isinstance(model, torch.nn.Module):
             raise DfkdError(f"teacher._target_={target!r} returned {type(model).__name__}, not an nn.Module")
+    if beside.get("norm_eps") is not None:  # a converted ViT: timm builds its LayerNorms with eps 1e-6
+        from dfkd.models.convert import apply_norm_eps
+
+        apply_norm_eps(model, beside["norm_eps"])
     used = ""
     if ckpt_path:
         ck = load_checkpoint_into(model, ckpt_path)

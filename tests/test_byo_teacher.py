@@ -145,3 +145,32 @@ def test_folder_class_names_map_to_the_teachers(tmp_path):
                                                                       per_class=1, size=8)), ts)
     with pytest.raises(DfkdError, match="has 2 classes, the teacher 4 and no class names"):
         fit_to_teacher(load_dataset("image_folder", path=folder), TeacherSpec((1, 8, 8), 4, [0.5], [0.5]))
+
+
+def shared():
+    p = os.environ.get("DFKD_DATA")
+    from pathlib import Path
+
+    return Path(p) if p and Path(p).is_dir() else None
+
+
+@pytest.mark.skipif(shared() is None, reason="needs the shared data (set DFKD_DATA)")
+def test_third_party_vit_scores_its_published_accuracy_through_dfkd_eval(tmp_path):
+    """The shared nn.MultiheadAttention ViT (someone else's, 56.97 % on CIFAR-10 test): converted with
+    dfkd-convert, scored by dfkd-eval on a PNG image folder exported from the npz test set."""
+    from dfkd.data.folder import export_npz_folder
+
+    root = shared()
+    conv = tmp_path / "vit_ashu.safetensors"
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    r = cli("dfkd.models.convert", str(root / "teachers/vit_cifar10_ashu/vit_model.pth"), str(conv),
+            "--num-heads", "4", "--mean", "0", "0", "0", "--std", "1", "1", "1", "--class-names", *names)
+    assert r.returncode == 0, r.stderr
+    folder = tmp_path / "cifar10_test"
+    assert export_npz_folder(root / "cifar10/cifar10_test.npz", folder) == 10000
+    e = cli("dfkd.cli.evaluate", "teacher=checkpoint", f"teacher.checkpoint={conv}", "data=image_folder",
+            f"data.path={folder}", f"output={tmp_path / 'eval'}", f"hydra.run.dir={tmp_path / 'h'}", timeout=600)
+    assert e.returncode == 0, e.stderr[-2000:]
+    ev = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert ev["images"] == 10000
+    assert ev["top1"] == pytest.approx(0.5697, abs=5e-5), ev["top1"]

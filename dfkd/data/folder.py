@@ -119,3 +119,45 @@ def scan_image_folder(path, workers: int = 2):
     ds = FolderDataset(root, classes, samples, workers=workers)
     return DataSpec(name=root.name, train=None, test=ds, num_classes=len(classes), input_size=(0, 0, 0),
                     mean=(), std=(), class_names=classes)
+
+
+def export_image_folder(images, labels, class_names: list[str], out, limit: int | None = None) -> int:
+    """Write uint8 images (N, H, W, C) or (N, C, H, W) as ``out/<class name>/<index>.png``; returns the count.
+
+    Turns an array test set (e.g. the CIFAR ``.npz`` layout) into the image folder users have, for
+    ``data=image_folder``. Files are written under a temporary name and renamed."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    out = Path(out)
+    x = np.asarray(images)
+    if x.ndim != 4:
+        raise DfkdError(f"images must be (N, H, W, C) or (N, C, H, W), got shape {x.shape}")
+    if x.shape[1] in (1, 3) and x.shape[-1] not in (1, 3):
+        x = x.transpose(0, 2, 3, 1)
+    y = np.asarray(labels)
+    n = len(x) if limit is None else min(len(x), int(limit))
+    for c in class_names:
+        (out / str(c)).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        im = x[i]
+        im = Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im)
+        dst = out / str(class_names[int(y[i])]) / f"{i:06d}.png"
+        if dst.is_file():
+            continue
+        tmp = dst.with_name(f".{dst.name}.tmp.png")
+        im.save(tmp)
+        os.replace(tmp, dst)
+    return n
+
+
+def export_npz_folder(npz_path, out, limit: int | None = None) -> int:
+    """A ``.npz`` test file in the CIFAR layout → an image folder (see :func:`export_image_folder`)."""
+    import numpy as np
+
+    with np.load(Path(npz_path).expanduser(), allow_pickle=False) as z:
+        images, labels = z["images"], z["labels"]
+        names = [str(c) for c in z["classes"]] if "classes" in z else [str(i) for i in range(int(labels.max()) + 1)]
+    return export_image_folder(images, labels, names, out, limit=limit)
