@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -163,13 +162,19 @@ def test_distil_from_stored_matches_online(tmp_path, cache_dir):
     assert abs(stored["student_top1"] - live["student_top1"]) <= 0.03, (stored["student_top1"], live["student_top1"])
 
 
-def _teacher_ckpt(tmp_path):
+# what a digits teacher checkpoint carries beside it (its JSON): how to build it and what it takes
+DIGITS_TEACHER_BUILD = {"model": "small_cnn", "kwargs": {"in_chans": 1, "width": 16, "num_classes": 10},
+                        "input_size": [1, 8, 8], "num_classes": 10, "mean": [0.3], "std": [0.4]}
+
+
+def _teacher_ckpt(tmp_path, name="teacher", seed=0):
     from dfkd.models import build_model
     from dfkd.models.checkpoint import save_model
 
-    torch.manual_seed(0)
-    path = tmp_path / "teacher.safetensors"
-    save_model(build_model("small_cnn", num_classes=10, in_chans=1, width=16), path)  # the digits_cnn config's width
+    torch.manual_seed(seed)
+    path = tmp_path / f"{name}.safetensors"
+    save_model(build_model("small_cnn", num_classes=10, in_chans=1, width=16), path,  # the digits_cnn config's width
+               build=DIGITS_TEACHER_BUILD)
     return path
 
 
@@ -181,34 +186,58 @@ def _one_line_exit_2(r, *needles):
         assert n in err, err
 
 
+# Runs dfkd-synthesize and SIGKILLs its own process while shard 3 is half written (three shards and
+# their sidecars complete, shard 3's temporary file holding half its bytes, no manifest): the kill
+# lands at the same point on every run, however fast or loaded the machine is.
+_KILL_MID_SHARD = """
+import os, signal, sys, tempfile
+import dfkd.data.store as store
+from pathlib import Path
+
+def write_half_then_die(path, data):
+    path = Path(path)
+    if path.name.startswith("shard-00003") and path.suffix == ".safetensors":
+        fd, _ = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.write(fd, data[: len(data) // 2])
+        os.fsync(fd)
+        os.kill(os.getpid(), signal.SIGKILL)
+    write(path, data)
+
+write = store.atomic_write_bytes
+store.atomic_write_bytes = write_half_then_die
+from dfkd.cli.synthesize import main
+sys.argv = ["dfkd-synthesize", *sys.argv[1:]]
+main()
+"""
+
+
 def test_sigkill_synthesize_then_rerun_completes(tmp_path, capsys):
     ckpt = _teacher_ckpt(tmp_path)
     ds = tmp_path / "ds"
-    args = [f"teacher.checkpoint={ckpt}", f"output={ds}", "num_images=100", "shard_size=4",
+    args = [f"teacher.checkpoint={ckpt}", f"output={ds}", "num_images=40", "shard_size=4",
             "synthesizer.iterations=8", "synthesizer.batch_size=4", "progress=false", "threads=1", "device=cpu"]
     cmd = [sys.executable, "-m", "dfkd.cli.synthesize", *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen(cmd, env=env, cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list((ds / "shards").glob("shard-*.json"))) < 3:
-        assert p.poll() is None, "dfkd-synthesize exited before it could be killed"
-        time.sleep(0.02)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    assert not (ds / "manifest.json").exists(), "the run finished before it could be killed"
+    killed = subprocess.run([sys.executable, "-c", _KILL_MID_SHARD, *args], env=env, cwd=str(ROOT),
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (ds / "manifest.json").exists()
+    assert sorted(p.name for p in (ds / "shards").glob("shard-*.json")) == [f"shard-0000{i}.json" for i in range(3)]
+    assert len(list((ds / "shards").glob(".shard-00003.safetensors.*.tmp"))) == 1  # the half-written shard
     r = subprocess.run(cmd, env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
+    assert "40 images, complete; 28 made" in r.stdout, r.stdout  # the three finished shards were kept
     store = SyntheticStore(ds)  # verify=True: every shard passes its checksum
     t = store.load_all()
-    assert len(store) == 100 and len(t["images"]) == 100 and store.manifest["complete"]
-    assert torch.equal(t["index"].sort().values, torch.arange(100))  # no duplicates, none missing
+    assert len(store) == 40 and len(t["images"]) == 40 and store.manifest["complete"]
+    assert torch.equal(t["index"].sort().values, torch.arange(40))  # no duplicates, none missing
     assert not list((ds / "shards").glob(".*tmp"))
     # inspect (in-process: same entry point, no interpreter start-up): summary, histogram, grid PNG
     from dfkd.cli.inspect import main as inspect_main
 
     inspect_main([str(ds), "--grid", str(tmp_path / "grid.png")])
     out = capsys.readouterr().out
-    assert "100 of 100" in out and "class histogram" in out and (tmp_path / "grid.png").is_file()
+    assert "40 of 40" in out and "class histogram" in out and (tmp_path / "grid.png").is_file()
 
     def inspect_fails(*needles):
         with pytest.raises(SystemExit) as e:
@@ -224,11 +253,7 @@ def test_sigkill_synthesize_then_rerun_completes(tmp_path, capsys):
     args_ = [ds]
     inspect_fails("truncated", "shard-00004")
     (ds / "shards" / "shard-00004.safetensors").write_bytes(blob)
-    other = tmp_path / "other.safetensors"
-    from dfkd.models import build_model
-    from dfkd.models.checkpoint import save_model
-
-    save_model(build_model("small_cnn", num_classes=10, in_chans=1, width=16), other)
+    other = _teacher_ckpt(tmp_path, "other", seed=1)
     _one_line_exit_2(run_cli("dfkd-distill", "synthesizer=stored", f"synthesizer.path={ds}",
                              f"teacher.checkpoint={other}", f"hydra.run.dir={tmp_path / 'run'}"),
                      "another teacher")
