@@ -42,6 +42,8 @@ VARIANTS = {
     "ours+no_clamp": dict(clamp=False),
     "ours+tv_norm_1e-3": dict(tv=1e-3, tv_kind="norm"),
     "ours+betas_0.9": dict(betas=(0.9, 0.999)),
+    "ours+normalized_no_clamp": dict(space="normalized", init_std=1.0, clamp=False),
+    "ours+normalized_bn10_first1": dict(space="normalized", init_std=1.0, bn=10.0, first_bn_multiplier=1.0),
     "ours+reference_choices": REF_LIKE,
 }
 
