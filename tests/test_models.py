@@ -1,3 +1,6 @@
+import json
+import socket
+
 import pytest
 import torch
 
@@ -19,10 +22,12 @@ def test_checkpoint_layouts_load(tmp_path):
     save_model(src, tmp_path / "w.safetensors", build={"model": "resnet20_cifar"})
     x = torch.randn(2, 3, 32, 32)
     src.eval()
+    fresh = build_model("resnet20_cifar", num_classes=10).eval()  # what a load that did nothing gives
+    assert not torch.allclose(fresh(x), src(x), atol=1e-3)
     for name in [*layouts, "w.safetensors"]:
         dst = build_model("resnet20_cifar", num_classes=10, checkpoint=tmp_path / name).eval()
         assert torch.allclose(dst(x), src(x), atol=1e-6), name
-    assert (tmp_path / "w.json").is_file()
+    assert json.loads((tmp_path / "w.json").read_text()) == {"model": "resnet20_cifar"}
 
 
 def test_checkpoint_errors(tmp_path):
@@ -45,10 +50,20 @@ def test_unknown_model_lists_close_matches():
         build_model("vit_tiny_patch16_22")
 
 
-def test_timm_model_never_downloads():
-    m = build_model("vit_tiny_patch16_224", pretrained=True, img_size=16, patch_size=8, num_classes=3,
-                    depth=1, embed_dim=24, num_heads=2)
-    assert m(torch.rand(1, 3, 16, 16)).shape == (1, 3)
+def test_timm_model_never_downloads(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    kw = dict(pretrained=True, img_size=16, patch_size=8, num_classes=3, depth=1, embed_dim=24, num_heads=2)
+    torch.manual_seed(0)
+    a = build_model("vit_tiny_patch16_224", **kw)
+    torch.manual_seed(1)
+    b = build_model("vit_tiny_patch16_224", **kw)
+    assert a(torch.rand(1, 3, 16, 16)).shape == (1, 3)
+    # no weights came from anywhere: the two builds are their seeds' random initialisations
+    assert not torch.equal(a.patch_embed.proj.weight, b.patch_embed.proj.weight)
 
 
 @pytest.mark.parametrize("name,params", [("resnet20_cifar", 0.27e6), ("resnet56_cifar", 0.85e6),
