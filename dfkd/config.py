@@ -121,7 +121,10 @@ class DistillConfig:
     schedule: Schedule = Schedule.cosine
     warmup: float = 0.0
     pool_size: int = 10000
+    memory: str = "auto"                # auto | device (float16 on the device) | host (uint8 in host memory)
+    checkpoint_pool_mb: float = 256.0   # a checkpoint keeps the most recent pool images up to this size
     eval_every: int = 10
+    eval_every_seconds: Optional[float] = None  # also evaluate (and log one line) after this much wall time
     checkpoint_every: int = 10
     budget_minutes: Optional[float] = None
     amp: Amp = Amp.auto

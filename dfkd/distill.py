@@ -21,6 +21,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+import logging
+
 from dfkd import dist as D
 from dfkd.data import ArrayDataset
 from dfkd.eval.classification import evaluate
@@ -28,6 +30,9 @@ from dfkd.losses.student import LogitKD, StudentLoss
 from dfkd.models.checkpoint import atomic_torch_save
 from dfkd.teacher import Normalized, Teacher
 from generators.base import Synthesizer, SyntheticBatch
+
+
+log = logging.getLogger("dfkd")
 
 
 @dataclass
@@ -42,7 +47,10 @@ class DistillSettings:
     schedule: str = "cosine"        # cosine | constant
     warmup: float = 0.0             # fraction of the run spent warming up the learning rate
     pool_size: int = 10000          # images kept in the memory (0: only the newest batch)
+    memory: str = "auto"            # auto | device (float16 on the device) | host (uint8 in host memory)
+    checkpoint_pool_mb: float = 256.0  # a checkpoint keeps the most recent pool images up to this size
     eval_every: int = 10            # rounds between evaluations (0: only at the end)
+    eval_every_seconds: Optional[float] = None  # also evaluate (and log a line) after this much wall time
     checkpoint_every: int = 10      # rounds between checkpoints (0: never)
     budget_minutes: Optional[float] = None  # stop after this much wall time (resumes included)
     amp: str = "auto"               # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | none
@@ -78,55 +86,111 @@ class DistillSettings:
 
 
 class Memory:
-    """A ring buffer of synthetic images (stored as float16) with the labels they aimed at."""
+    """A ring buffer of synthetic images with the labels they aimed at and the teacher's logits.
 
-    def __init__(self, capacity: int, device: torch.device):
+    ``storage``: ``device`` keeps float16 images on the training device (small images: no copies);
+    ``host`` keeps uint8 images in (pinned, with CUDA) host memory and copies each sampled batch to the
+    device — 2× smaller than float16 and off the GPU, for large images; ``auto`` picks ``host`` when the
+    float16 pool would exceed ``host_above_mb``. A checkpoint holds the most recent images up to
+    ``checkpoint_mb`` (the whole pool when it fits, which keeps resume exact)."""
+
+    def __init__(self, capacity: int, device: torch.device, storage: str = "auto", host_above_mb: float = 512.0,
+                 checkpoint_mb: float = 256.0):
+        if storage not in ("auto", "device", "host"):
+            from dfkd.errors import DfkdError
+
+            raise DfkdError(f"distill.memory must be auto, device or host, got {storage!r}")
         self.capacity = int(capacity)
-        self.device = device
+        self.device = torch.device(device)
+        self.storage = storage
+        self.host_above_mb = float(host_above_mb)
+        self.checkpoint_mb = float(checkpoint_mb)
         self.images: Optional[torch.Tensor] = None
         self.labels: Optional[torch.Tensor] = None
         self.logits: Optional[torch.Tensor] = None
         self.size = 0
         self.head = 0
+        self.on_host = False
+
+    def _choose(self, image_shape) -> None:
+        per = 2 * math.prod(image_shape)
+        big = max(self.capacity, 1) * per / 2**20 > self.host_above_mb
+        self.on_host = self.storage == "host" or (self.storage == "auto" and big)
+
+    @property
+    def where(self) -> torch.device:
+        return torch.device("cpu") if self.on_host else self.device
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.on_host:
+            return x.detach().clamp(0, 1).mul(255).round_().to(torch.uint8).cpu()
+        return x.detach().to(self.device, torch.float16)
+
+    def _alloc(self, n: int, image_shape, k: int) -> None:
+        pin = self.on_host and torch.cuda.is_available()
+        dt = torch.uint8 if self.on_host else torch.float16
+        # zeros, not empty: the whole pool is resident from the start, so peak memory shows at once
+        self.images = torch.zeros((n, *image_shape), dtype=dt, device=self.where, pin_memory=pin)
+        self.labels = torch.zeros(n, dtype=torch.long, device=self.where)
+        self.logits = torch.zeros((n, k), dtype=torch.float16, device=self.where, pin_memory=pin)
 
     def add(self, batch: SyntheticBatch) -> None:
-        x = batch.images.detach().to(self.device, torch.float16)
+        if self.images is None and not self.size:
+            self._choose(batch.images.shape[1:])
+        x = self._encode(batch.images)
         y = batch.labels if batch.labels is not None else batch.teacher_logits.argmax(1)
-        y = y.detach().to(self.device)
-        t = batch.teacher_logits.detach().to(self.device, torch.float16)
+        y = y.detach().to(self.where)
+        t = batch.teacher_logits.detach().to(self.where, torch.float16)
         if self.capacity <= 0:
             self.images, self.labels, self.logits, self.size, self.head = x, y, t, len(x), 0
             return
         if self.images is None:
-            self.images = torch.empty((self.capacity, *x.shape[1:]), dtype=torch.float16, device=self.device)
-            self.labels = torch.zeros(self.capacity, dtype=torch.long, device=self.device)
-            self.logits = torch.zeros((self.capacity, t.shape[1]), dtype=torch.float16, device=self.device)
+            self._alloc(self.capacity, x.shape[1:], t.shape[1])
         n = min(len(x), self.capacity)
-        idx = (self.head + torch.arange(n, device=self.device)) % self.capacity
+        idx = (self.head + torch.arange(n, device=self.where)) % self.capacity
         self.images[idx], self.labels[idx], self.logits[idx] = x[-n:], y[-n:], t[-n:]
         self.head = int((self.head + n) % self.capacity)
         self.size = min(self.capacity, self.size + n)
 
+    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.on_host:
+            return x.to(self.device, non_blocking=True).float().div_(255.0)
+        return x.float()
+
     def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """``n`` random images (float32) and the teacher logits stored with them."""
-        idx = torch.randint(self.size, (n,), generator=generator).to(self.device)
-        return self.images[idx].float(), self.logits[idx].float()
+        """``n`` random images (float32 on the device) and the teacher logits stored with them."""
+        idx = torch.randint(self.size, (n,), generator=generator).to(self.where)
+        return self._decode(self.images[idx]), self.logits[idx].to(self.device, non_blocking=True).float()
+
+    def as_float(self, n: Optional[int] = None) -> torch.Tensor:
+        """The first ``n`` stored images as float32 [0, 1] on the CPU (for sample grids)."""
+        x = self.images[: self.size if n is None else min(n, self.size)]
+        return x.float().div(255.0).cpu() if self.on_host else x.float().cpu()
 
     def state_dict(self) -> dict[str, Any]:
         if self.images is None:
             return {"size": 0, "head": 0}
-        end = self.size
-        return {"images": self.images[:end].cpu(), "labels": self.labels[:end].cpu(),
-                "logits": self.logits[:end].cpu(), "size": self.size, "head": self.head}
+        per = self.images[0].numel() * self.images.element_size()
+        keep = min(self.size, max(1, int(self.checkpoint_mb * 2**20 // max(per, 1))))
+        if keep >= self.size:
+            sel = torch.arange(self.size)
+            head = self.head
+        else:  # the most recent images, oldest first
+            sel = (self.head - keep + torch.arange(keep)) % max(self.capacity, self.size)
+            head = keep % self.capacity if self.capacity > 0 else 0
+        sel = sel.to(self.where)
+        return {"images": self.images[sel].cpu(), "labels": self.labels[sel].cpu(),
+                "logits": self.logits[sel].cpu(), "size": int(len(sel)), "head": int(head),
+                "on_host": self.on_host, "dropped": int(self.size - len(sel))}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state.get("size"):
             return
-        x, y, t = (state[k].to(self.device) for k in ("images", "labels", "logits"))
+        x, y, t = state["images"], state["labels"], state["logits"]
+        self.on_host = bool(state.get("on_host", x.dtype == torch.uint8))
+        x, y, t = x.to(self.where), y.to(self.where), t.to(self.where)
         if self.capacity > 0:
-            self.images = torch.empty((self.capacity, *x.shape[1:]), dtype=torch.float16, device=self.device)
-            self.labels = torch.zeros(self.capacity, dtype=torch.long, device=self.device)
-            self.logits = torch.zeros((self.capacity, t.shape[1]), dtype=torch.float16, device=self.device)
+            self._alloc(self.capacity, x.shape[1:], t.shape[1])
             self.images[: len(x)], self.labels[: len(y)], self.logits[: len(t)] = x, y, t
         else:
             self.images, self.labels, self.logits = x, y, t
@@ -180,7 +244,8 @@ class Distiller:
         self.device = torch.device(device)
         self.progress = progress
         self.on_round = on_round
-        self.memory = Memory(settings.pool_size, self.device)
+        self.memory = Memory(settings.pool_size, self.device, storage=settings.memory,
+                             checkpoint_mb=settings.checkpoint_pool_mb)
         self.rng = torch.Generator().manual_seed(seed + 17)
         self._mix_toggle = False
         self.optimizer = self._build_optimizer()
@@ -188,31 +253,27 @@ class Distiller:
         self.elapsed = 0.0  # wall seconds spent in earlier runs of this job (resume)
         self.history: list[dict] = []
         self.amp_dtype = _amp_dtype(settings.amp, self.device)
+        from dfkd.optim import grad_scaler
+
+        self.scaler = grad_scaler(self.amp_dtype, self.device)
         self.writer = None
 
     # -- setup ---------------------------------------------------------------------------
     def _build_optimizer(self) -> torch.optim.Optimizer:
-        params = [p for p in self.student.parameters() if p.requires_grad]
+        from dfkd.optim import build_optimizer
+
+        extra = []
         if isinstance(self.loss, nn.Module):  # a loss with learned parts (e.g. feature projections)
             if hasattr(self.loss, "setup"):
                 self.loss.setup(self.student, self.teacher)
-            params += [p for p in self.loss.to(self.device).parameters() if p.requires_grad]
-        if self.s.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=self.s.lr, momentum=self.s.momentum,
-                                   weight_decay=self.s.weight_decay, nesterov=True)
-        if self.s.optimizer == "adamw":
-            return torch.optim.AdamW(params, lr=self.s.lr, weight_decay=self.s.weight_decay)
-        from dfkd.errors import DfkdError
-
-        raise DfkdError(f"unknown optimizer {self.s.optimizer!r}; choose adamw or sgd")
+            extra = list(self.loss.to(self.device).parameters())
+        return build_optimizer(self.student, self.s.optimizer, lr=self.s.lr, weight_decay=self.s.weight_decay,
+                               momentum=self.s.momentum, extra=extra)
 
     def _lr_factor(self, progress: float) -> float:
-        if self.s.warmup > 0 and progress < self.s.warmup:
-            return max(progress / self.s.warmup, 1e-3)
-        if self.s.schedule == "cosine":
-            p = (progress - self.s.warmup) / max(1e-8, 1 - self.s.warmup)
-            return 0.5 * (1 + math.cos(math.pi * min(max(p, 0.0), 1.0)))
-        return 1.0
+        from dfkd.optim import lr_factor
+
+        return lr_factor(progress, self.s.warmup, self.s.schedule)
 
     def _progress(self, wall: float) -> float:
         p = self.round / max(1, self.s.rounds)
@@ -240,6 +301,7 @@ class Distiller:
             "student": self.student.state_dict(),
             "loss": self.loss.state_dict() if isinstance(self.loss, nn.Module) else {},
             "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
             "synthesizer": self.synth.state_dict(),
             "memory": self.memory.state_dict(),
             "rng": self.rng.get_state(),
@@ -260,6 +322,8 @@ class Distiller:
         if isinstance(self.loss, nn.Module) and st.get("loss"):
             self.loss.load_state_dict(st["loss"])
         self.optimizer.load_state_dict(st["optimizer"])
+        if self.scaler is not None and st.get("scaler"):
+            self.scaler.load_state_dict(st["scaler"])
         self.synth.load_state_dict(st["synthesizer"])
         self.memory.load_state_dict(st["memory"])
         self.rng.set_state(st["rng"])
@@ -302,6 +366,14 @@ class Distiller:
         with self._autocast():
             loss, _ = self.loss(self.train_model, self.teacher, xa, t)
         self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:  # fp16: scaled loss, unscaled before clipping, steps skipped on overflow
+            self.scaler.scale(loss).backward()
+            if self.s.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.s.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            return loss.detach()
         loss.backward()
         if self.s.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.s.grad_clip)
@@ -382,6 +454,7 @@ class Distiller:
 
             bar = tqdm(total=self.s.rounds, initial=self.round, desc="distill", unit="round", dynamic_ncols=True)
         last_eval: dict[str, float] = {}
+        last_report = time.perf_counter() - start
         try:
             while self.round < self.s.rounds:
                 wall = time.perf_counter() - start
@@ -405,9 +478,20 @@ class Distiller:
                                           **batch.stats}
                 final = self.round >= self.s.rounds or bool(
                     self.s.budget_minutes and D.any_flag(wall >= 60.0 * self.s.budget_minutes, self.device))
-                if (self.s.eval_every and self.round % self.s.eval_every == 0) or final:
+                due = bool(self.s.eval_every_seconds and wall - last_report >= self.s.eval_every_seconds)
+                if (self.s.eval_every and self.round % self.s.eval_every == 0) or final or due:
                     last_eval = self.evaluate()
                     record.update({f"test/{k}": v for k, v in last_eval.items()})
+                    last_report = wall
+                    if self.main:
+                        ips = synth_images / synth_seconds if synth_seconds > 0 else 0.0
+                        parts = [f"round {self.round}/{self.s.rounds}", f"{wall:.0f} s", f"kd {record['kd_loss']:.4f}"]
+                        if "top1" in last_eval:
+                            parts.append(f"top-1 {last_eval['top1']:.4f}")
+                        parts.append(f"synth {ips:.1f} img/s")
+                        if "syn/teacher_acc" in record:
+                            parts.append(f"teacher agreement {record['syn/teacher_acc']:.3f}")
+                        log.info("%s", "  ".join(parts))
                 self._log(record)
                 if self.s.checkpoint_every and self.round % self.s.checkpoint_every == 0:
                     self.save_checkpoint(time.perf_counter() - start)

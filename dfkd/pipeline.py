@@ -496,8 +496,8 @@ def run_distill(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path) -> dic
         return {"rank": D.rank(), **result}
     save_model(student.model, run_dir / "student.safetensors", build=build)
     if distiller.memory.size:
-        save_sample_grid(distiller.memory.images[: distiller.memory.size].float(),
-                         distiller.memory.labels[: distiller.memory.size], run_dir / "samples.png",
+        save_sample_grid(distiller.memory.as_float(),
+                         distiller.memory.labels[: distiller.memory.size].cpu(), run_dir / "samples.png",
                          spec.num_classes)
     summary = {
         "teacher_top1": teacher_eval["top1"],

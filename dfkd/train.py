@@ -31,16 +31,16 @@ def train_classifier(
     """SGD with Nesterov momentum and a cosine schedule; ``model`` takes [0, 1] images."""
     device = torch.device(device)
     model.to(device).train()
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
-    if optimizer == "adamw":  # ViTs train poorly with SGD
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    elif optimizer != "sgd":
+    from dfkd.optim import OPTIMIZERS, build_optimizer, lr_factor
+
+    if optimizer not in OPTIMIZERS:  # adamw for ViTs: they train poorly with SGD
         from dfkd.errors import DfkdError
 
         raise DfkdError(f"teacher.train.optimizer must be sgd or adamw, got {optimizer!r}")
+    opt = build_optimizer(model, optimizer, lr=lr, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(train) / batch_size)
     total = epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s / total))
     g = torch.Generator().manual_seed(seed)
     it = range(epochs)
     if progress:

@@ -130,9 +130,10 @@ def _output_dirs(config_name: str, args: list[str]) -> list[tuple[str, str]]:
             from hydra.core.hydra_config import HydraConfig
 
             HydraConfig.instance().set_config(cfg)
-            out = [("hydra.run.dir", str(cfg.hydra.run.dir))]
+            out = []
             if "output" in cfg and cfg.output is not None and not OmegaConf.is_missing(cfg, "output"):
                 out.append(("output", str(cfg.output)))
+            out.append(("hydra.run.dir", str(cfg.hydra.run.dir)))
             return out
     except Exception:  # noqa: BLE001 - composition errors are reported by validate_overrides
         return []
