@@ -389,18 +389,28 @@ def build_synthesizer_from_cfg(syn_cfg: Mapping[str, Any], teacher: Teacher, dat
 
 
 def save_sample_grid(images: torch.Tensor, labels: torch.Tensor, path: Path, num_classes: int,
-                     per_class: int = 8, min_side: int = 32) -> None:
-    """A PNG with one row of up to ``per_class`` images per class."""
+                     per_class: int = 8, min_side: int = 32, max_classes: int = 20, max_side: int = 96) -> None:
+    """A PNG with one row of up to ``per_class`` images per class (the first ``max_classes`` classes
+    present, for teachers with many classes); images larger than ``max_side`` are shown downscaled."""
     from torchvision.utils import save_image
 
-    rows = []
+    labels = labels.cpu()
+    present = [k for k in range(num_classes) if bool((labels == k).any())][:max_classes]
     c, h, w = images.shape[1:]
-    for k in range(num_classes):
-        sel = images[labels == k][:per_class].float()
-        pad = torch.ones(per_class - len(sel), c, h, w)
-        rows.append(torch.cat([sel.cpu(), pad]))
+    scale_down = max(h, w) > max_side
+    oh, ow = (max(1, h * max_side // max(h, w)), max(1, w * max_side // max(h, w))) if scale_down else (h, w)
+    rows = []
+    for k in present:
+        sel = images[labels == k][:per_class].float().cpu()
+        if scale_down:
+            sel = torch.nn.functional.interpolate(sel, size=(oh, ow), mode="bilinear", antialias=True,
+                                                  align_corners=False)
+        pad = torch.ones(per_class - len(sel), c, oh, ow)
+        rows.append(torch.cat([sel, pad]))
+    if not rows:
+        return
     grid = torch.cat(rows)
-    scale = max(1, min_side // max(h, w))
+    scale = max(1, min_side // max(oh, ow))
     if scale > 1:
         grid = torch.nn.functional.interpolate(grid, scale_factor=scale, mode="nearest")
     if c == 1:
