@@ -52,8 +52,12 @@ def run_synthesize(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     teacher = build_teacher(cfg["teacher"], data, device, seed=seed, progress=progress and rank == 0)
     if rank == 0:
         D.barrier()
+    from dfkd.data import fit_to_teacher
+
+    data = fit_to_teacher(data, teacher.spec)  # the teacher's size, classes and names, not the dataset's
     spec = {
-        "teacher": teacher_identity(teacher, _plain(cfg["teacher"])["model"]),
+        "teacher": teacher_identity(teacher, _plain(cfg["teacher"]).get("model")
+                                    or getattr(teacher, "build_info", {}).get("name")),
         "synthesizer": {"name": syn.get("name"), "config": syn},
         "seed": seed, "num_images": int(cfg["num_images"]), "shard_size": int(cfg["shard_size"]),
         "image_dtype": str(cfg["image_dtype"]), "input_size": list(data.input_size),
