@@ -174,3 +174,43 @@ def test_third_party_vit_scores_its_published_accuracy_through_dfkd_eval(tmp_pat
     ev = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert ev["images"] == 10000
     assert ev["top1"] == pytest.approx(0.5697, abs=5e-5), ev["top1"]
+
+
+def test_lightning_and_prefixed_checkpoints_load_and_say_which_weights(tmp_path):
+    from dfkd.models import build_model
+    from dfkd.models.checkpoint import load_checkpoint_into, read_checkpoint
+
+    net = build_model("small_cnn", num_classes=4, in_chans=3, width=4)
+    sd = net.state_dict()
+    ckpt = tmp_path / "epoch=3.ckpt"  # Lightning: the LightningModule kept the network as self.model
+    torch.save({"state_dict": {**{f"model.{k}": v for k, v in sd.items()}, "criterion.weight": torch.ones(4)},
+                "hyper_parameters": {"lr": 0.1, "width": 4}, "epoch": 3, "global_step": 30}, ckpt)
+    fresh = build_model("small_cnn", num_classes=4, in_chans=3, width=4)
+    used = load_checkpoint_into(fresh, ckpt)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in sd.items())
+    assert "prefix 'model.' stripped" in used.source and used.meta["hyper_parameters"]["lr"] == 0.1
+    # without the prefix rule the keys would not fit: the same file into a model that lacks them fails clearly
+    from dfkd.errors import DfkdError
+
+    with pytest.raises(DfkdError, match="does not fit the model"):
+        load_checkpoint_into(build_model("small_cnn", num_classes=4, in_chans=3, width=8), ckpt)
+    ddp = tmp_path / "ddp.pt"
+    torch.save({f"module._orig_mod.{k}": v for k, v in sd.items()}, ddp)
+    assert set(read_checkpoint(ddp)) == set(sd)
+
+
+def test_npz_test_set_of_any_class_count_fits_the_teacher(tmp_path):
+    from dfkd.data import fit_to_teacher, load_dataset
+    from dfkd.spec import TeacherSpec
+
+    rng = np.random.default_rng(0)
+    f = tmp_path / "my_test.npz"
+    np.savez(f, images=(rng.random((12, 20, 20, 3)) * 255).astype(np.uint8), labels=np.arange(12) % 12,
+             classes=np.array([f"c{i}" for i in range(12)]))
+    raw = load_dataset("npz", path=f, train=False)
+    assert raw.num_classes == 12 and raw.input_size == (3, 20, 20)
+    ts = TeacherSpec((1, 16, 16), 12, [0.5], [0.5], "bilinear", 1.0, [f"c{i}" for i in reversed(range(12))])
+    data = fit_to_teacher(raw, ts)
+    x, y = next(data.test.batches(12))
+    assert x.shape == (12, 1, 16, 16) and 0 <= float(x.min()) and float(x.max()) <= 1
+    assert y.tolist() == [11 - i for i in range(12)]  # mapped by name to the teacher's (reversed) order
