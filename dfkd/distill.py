@@ -305,6 +305,7 @@ class Distiller:
             "synthesizer": self.synth.state_dict(),
             "memory": self.memory.state_dict(),
             "rng": self.rng.get_state(),
+            "mix_toggle": self._mix_toggle,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "history": json.dumps(self.history),
@@ -327,6 +328,7 @@ class Distiller:
         self.synth.load_state_dict(st["synthesizer"])
         self.memory.load_state_dict(st["memory"])
         self.rng.set_state(st["rng"])
+        self._mix_toggle = bool(st.get("mix_toggle", False))
         torch.set_rng_state(st["torch_rng"])
         if st["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(st["cuda_rng"])

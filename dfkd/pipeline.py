@@ -225,7 +225,7 @@ def build_teacher(teacher_cfg: Mapping[str, Any], data: Optional[DataSpec], devi
         probe = next((layer.get("input_size") for _, layer in layers if layer.get("input_size")), None)
         if probe is not None:  # the model's own output width
             with torch.no_grad():
-                out = model.eval()(torch.rand(1, *[int(v) for v in probe]))
+                out = model.eval()(torch.rand(1, *[int(v) for v in probe], generator=torch.Generator().manual_seed(0)))
             layers.append(("model output", {"num_classes": int(out.shape[-1])}))
     spec = resolve_spec(layers)
     check_output_size(model, spec)
@@ -287,7 +287,8 @@ def auto_student(spec, teacher_params: Optional[int]) -> tuple[str, dict]:
             if chosen:
                 break
             continue
-        n = count_parameters(build_model("vit_tiny_patch16_224", **kw))
+        with torch.device("meta"):  # counted without allocating or drawing random numbers
+            n = count_parameters(build_model("vit_tiny_patch16_224", **kw))
         chosen = kw
         if n <= teacher_params // 2:
             break
@@ -478,7 +479,8 @@ def run_distill(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path) -> dic
         spec = stored_spec(cfg["synthesizer"])
     else:
         if trains_teacher:  # the student's settings are checked before the teacher trains
-            build_student(cfg["student"], _spec_of(raw, tc.get("mean"), tc.get("std")))
+            with torch.random.fork_rng(devices=[]):  # without drawing from the run's random numbers
+                build_student(cfg["student"], _spec_of(raw, tc.get("mean"), tc.get("std")))
         teacher = build_teacher(cfg["teacher"], raw if trains_teacher else None, device, seed=seed,
                                 progress=progress and D.is_main())
         spec = teacher.spec
@@ -487,6 +489,9 @@ def run_distill(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path) -> dic
     data = fit_to_teacher(raw, spec)
     t_teacher = time.perf_counter() - t_start
     teacher_params = count_parameters(teacher.model) if teacher is not None else None
+    # the student's initial weights (and every random number after them) depend on the seed only, not on
+    # how the teacher was found (loaded, trained, or absent for a stored dataset)
+    torch.manual_seed(seed)
     student, build = build_student(cfg["student"], spec, teacher_params=teacher_params)
     aug = build_augment(spec.input_size, **_plain(cfg["augment"]))
     teacher_eval = evaluate(teacher, data.test, device=device) if teacher is not None and data.test is not None \
@@ -586,6 +591,9 @@ def check_synthesizer_settings(syn_cfg: Mapping[str, Any]) -> None:
         p = Path(str(kw["path"])).expanduser()
         if not p.exists():
             raise DfkdError(f"synthesizer.path not found: {p}")
+    cls, _, settings = check_synthesizer_cfg(syn_cfg)
+    if hasattr(cls, "check_settings"):  # e.g. a missing synthesizer.path, before the teacher is built
+        cls.check_settings(settings)
 
 
 def format_summary(summary: Mapping[str, Any], run_dir: Path) -> str:

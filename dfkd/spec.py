@@ -235,7 +235,7 @@ def resolve_spec(layers: Sequence[tuple[str, Mapping[str, Any]]]) -> TeacherSpec
 
 def check_output_size(model: nn.Module, spec: TeacherSpec, device: torch.device | str = "cpu") -> None:
     """A dry forward pass: the model must take the spec's input and give ``num_classes`` outputs."""
-    x = torch.rand(2, *spec.input_size, device=device)
+    x = torch.rand(2, *spec.input_size, generator=torch.Generator().manual_seed(0)).to(device)  # not the run's RNG
     was = model.training
     model.eval()
     try:

@@ -55,8 +55,6 @@ def test_the_synthesizers_check_their_paths_cheaply(tmp_path):
         SYNTHESIZERS.get("stored").check_settings({"path": str(tmp_path / "empty")})
 
 
-@pytest.mark.xfail(strict=True, reason="dfkd/pipeline.py's check_synthesizer_cfg does not yet call the "
-                   "synthesizer class's check_settings, so dfkd-distill builds (or trains) the teacher first")
 @pytest.mark.parametrize("name,override,needle", [BAD_PATHS[0], BAD_PATHS[2]])
 def test_distill_reports_a_missing_synthesizer_path_before_the_teacher(no_teacher, name, override, needle, tmp_path):
     from dfkd.bench import compose

@@ -81,9 +81,6 @@ def test_distill_killed_after_a_checkpoint_resumes_to_the_same_run(tmp_path, mon
     assert resumed["student_top1"] == full["student_top1"]
 
 
-@pytest.mark.xfail(strict=True, reason="dfkd/distill.py does not checkpoint Distiller._mix_toggle (which of "
-                   "mixup/cutmix distill.mix=both uses next): resumed after an odd number of student steps, "
-                   "the run alternates the other way round")
 def test_distill_mix_both_resumes_after_an_odd_number_of_steps(tmp_path, monkeypatch, cache_dir):
     overrides = _distill_overrides("deepinversion", kd_steps=3, checkpoint_every=3)  # 9 steps at the checkpoint
     full, resumed, logged = _distill_killed_and_resumed(tmp_path, monkeypatch, overrides, kill_after_round=4)
