@@ -30,7 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-# the deepinversion_cifar settings (configs/synthesizer/deepinversion_cifar.yaml over deepinversion.yaml)
+# the deepinversion_cifar settings as they were before this benchmark (pixel space); the row that the
+# current configs/synthesizer/deepinversion_cifar.yaml matches is named in the results file
 OURS = dict(lr=0.1, bn=1.0, first_bn_multiplier=10.0, ce=1.0, tv=1e-4, l2=1e-5, jitter=2, flip=True,
             init_std=0.2, space="pixel", clamp=True, tv_kind="l1", betas=(0.5, 0.99))
 REF_LIKE = dict(space="normalized", init_std=1.0, clamp=False, bn=10.0, first_bn_multiplier=1.0, tv=1e-3,
@@ -46,6 +47,20 @@ VARIANTS = {
     "ours+normalized_bn10_first1": dict(space="normalized", init_std=1.0, bn=10.0, first_bn_multiplier=1.0),
     "ours+reference_choices": REF_LIKE,
 }
+
+
+def current_config_row() -> str | None:
+    """The variant whose settings equal the current deepinversion_cifar config (None: no variant)."""
+    from omegaconf import OmegaConf
+
+    folder = Path(__file__).resolve().parents[1] / "configs" / "synthesizer"
+    cfg = OmegaConf.merge(OmegaConf.load(folder / "deepinversion.yaml"), OmegaConf.load(folder / "deepinversion_cifar.yaml"))
+    cfg = OmegaConf.to_container(cfg)
+    for name, change in VARIANTS.items():
+        settings = {**OURS, **change}
+        if all(cfg.get(k) == (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()):
+            return name
+    return None
 
 
 def reference_recipe(teacher, labels, iterations, checkpoints, seed):
@@ -183,7 +198,7 @@ def main(argv=None) -> None:
         "batch": args.batch, "seed": args.seed, "iterations": args.iterations, "checkpoints": checkpoints,
         "real_images": f"$DFKD_DATA/cifar10/cifar10_test.npz, {args.batch} images drawn with numpy "
                        f"default_rng({args.seed}).choice",
-        "total_seconds": total, "rows": rows,
+        "total_seconds": total, "deepinversion_cifar_config_matches": current_config_row(), "rows": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
@@ -192,7 +207,9 @@ def main(argv=None) -> None:
              f"- seed {args.seed}; total wall time {total:.0f} s; load average {load_start[0]:.1f} → "
              f"{result['loadavg_end'][0]:.1f} (shared machine: times are noisy)",
              "- distance: Σ over BatchNorm layers ‖μ−μ̂‖₂ + ‖σ²−σ̂²‖₂ (unweighted), on the final images "
-             "clamped to [0, 1]; lower is closer to the teacher's training statistics", "",
+             "clamped to [0, 1]; lower is closer to the teacher's training statistics",
+             f"- `ours` is deepinversion_cifar as it was (pixel space); the current deepinversion_cifar config "
+             f"matches row `{result['deepinversion_cifar_config_matches']}`", "",
              "| row | iterations | BN distance | teacher agreement | mean RGB | seconds |", "|---|---|---|---|---|---|"]
     for r in rows:
         acc = "" if r.get("teacher_acc") is None else f"{r['teacher_acc']:.2f}"
