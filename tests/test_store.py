@@ -163,7 +163,7 @@ def test_distil_from_stored_matches_online(tmp_path, cache_dir):
 
 
 # what a digits teacher checkpoint carries beside it (its JSON): how to build it and what it takes
-DIGITS_TEACHER_BUILD = {"model": "small_cnn", "kwargs": {"in_chans": 1, "width": 16, "num_classes": 10},
+DIGITS_TEACHER_BUILD = {"model": "small_cnn", "kwargs": {"in_chans": 1, "width": 32, "num_classes": 10},
                         "input_size": [1, 8, 8], "num_classes": 10, "mean": [0.3], "std": [0.4]}
 
 
@@ -173,7 +173,7 @@ def _teacher_ckpt(tmp_path, name="teacher", seed=0):
 
     torch.manual_seed(seed)
     path = tmp_path / f"{name}.safetensors"
-    save_model(build_model("small_cnn", num_classes=10, in_chans=1, width=16), path,  # the digits_cnn config's width
+    save_model(build_model("small_cnn", num_classes=10, in_chans=1, width=32), path,  # the digits_cnn config's width
                build=DIGITS_TEACHER_BUILD)
     return path
 
