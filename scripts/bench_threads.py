@@ -40,9 +40,10 @@ def _workload(threads: int) -> float:
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    teacher = Teacher(build_model("small_cnn", in_chans=1, width=16, num_classes=10), [0.3], [0.4], (1, 8, 8), 10)
+    # the default's teacher (configs/teacher/digits_cnn.yaml) and student (configs/student/digits_cnn.yaml)
+    teacher = Teacher(build_model("small_cnn", in_chans=1, width=32, num_classes=10), [0.3], [0.4], (1, 8, 8), 10)
     student = Normalized(build_model("vit_tiny_patch16_224", img_size=8, patch_size=2, in_chans=1, num_classes=10,
-                                     embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0, global_pool="avg",
+                                     embed_dim=32, depth=2, num_heads=4, mlp_ratio=2.0, global_pool="avg",
                                      class_token=False), [0.3], [0.4], (1, 8, 8), 10)
     synth = build_synthesizer("deepinversion", teacher, batch_size=64, iterations=20)
     opt = torch.optim.AdamW(student.parameters(), 1e-3)
@@ -100,7 +101,8 @@ def main(argv=None) -> int:
                "best_threads_alone": min(alone, key=alone.get), "best_threads_shared": best_shared,
                "load_average_start_end": [load0, os.getloadavg()], "repeats": args.repeats}
     md = ["# Thread count under a competing process (CPU)", "", f"`{payload['command']}` — {os.cpu_count()} cores; "
-          "workload: 20 DeepInversion iterations on 64 digits images + 40 KD steps of the default ViT student; "
+          "workload: 20 DeepInversion iterations on 64 digits images (the default width-32 teacher) + 40 KD steps of "
+          "the default width-32, depth-2 ViT student; "
           f"median of {args.repeats} fresh processes.", "",
           "| threads | competing single-thread process | seconds (median) | slowdown vs. alone, same threads |",
           "|---|---|---|---|"]
