@@ -252,3 +252,13 @@ def add_agreement(jpath: Path, mpath: Path) -> list[dict[str, Any]]:
               for a in table]
     atomic_write_bytes(Path(mpath), (Path(mpath).read_text() + "\n".join(lines) + "\n").encode())
     return table
+
+
+def write_report(out_dir: str | Path, name: str, payload: dict[str, Any], md_lines: Sequence[str]) -> None:
+    """``out_dir/<name>.json`` (the payload, paths redacted) and ``out_dir/<name>.md`` (the lines), written
+    atomically, and the Markdown printed."""
+    out = Path(out_dir)
+    atomic_write_json(out / f"{name}.json", redact_paths(payload))
+    text = "\n".join(md_lines) + "\n"
+    atomic_write_bytes(out / f"{name}.md", text.encode())
+    print(text, end="")

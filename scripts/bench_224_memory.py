@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     import torch
     from hydra import compose, initialize_config_dir
 
-    from dfkd.models.checkpoint import atomic_write_json
+    from dfkd.bench import write_report
     from dfkd.pipeline import hardware
     from dfkd.cli.common import config_dir
     from dfkd.config import register_configs
@@ -84,10 +84,7 @@ def main(argv=None) -> int:
           "The pool is allocated (and zero-filled) in full at the first round, so its memory counts from the start. "
           f"Load average at start/end: {load0[0]:.1f} / {os.getloadavg()[0]:.1f} (other work shared the machine)."]
     payload["hardware"] = hardware()
-    out = Path(args.out)
-    atomic_write_json(out / f"{args.name}.json", payload)
-    (out / f"{args.name}.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_report(args.out, args.name, payload, md)
     return 0
 
 

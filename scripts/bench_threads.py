@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default="threads_cpu")
     ap.add_argument("--out", default=str(ROOT / "results"))
     args = ap.parse_args(argv)
-    from dfkd.models.checkpoint import atomic_write_json
+    from dfkd.bench import write_report
     from dfkd.pipeline import hardware
 
     load0 = os.getloadavg()
@@ -111,10 +111,7 @@ def main(argv=None) -> int:
                   f"{r['slowdown_vs_alone_same_threads']:.2f}x |")
     md += ["", f"Fastest alone: {payload['best_threads_alone']} thread(s); fastest next to a competing process: "
            f"{best_shared} thread(s). Load average at start/end: {load0[0]:.2f} / {os.getloadavg()[0]:.2f}."]
-    out = Path(args.out)
-    atomic_write_json(out / f"{args.name}.json", payload)
-    (out / f"{args.name}.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_report(args.out, args.name, payload, md)
     return 0
 
 
