@@ -581,7 +581,35 @@ class TokenStatsPrior(TransformerPrior):
         self._handles += _site_hooks(self.sites, self.where, lambda i, site, t: self._term(blocks[i], site, t))
 
 
-class ViTPrior(StatisticsPrior):
+class WeightedPriors(StatisticsPrior):
+    """A weighted sum of other priors (``self.parts``: (weight, prior) pairs, filled by the subclass);
+    attaching, removing, resetting and the loss go to every part."""
+
+    def _attach(self) -> None:
+        for _, p in self.parts:
+            p.__enter__()
+
+    def remove(self) -> None:
+        for _, p in getattr(self, "parts", []):
+            p.remove()
+
+    def reset(self) -> None:
+        for _, p in self.parts:
+            p.reset()
+
+    @property
+    def terms(self) -> list[torch.Tensor]:
+        return [w * t for w, p in self.parts for t in p.terms]
+
+    def loss(self, reset: bool = True) -> torch.Tensor:
+        return torch.stack([w * p.loss(reset=reset) for w, p in self.parts]).sum()
+
+    def components(self) -> dict[str, float]:
+        """The current value of each part (without resetting), for logging."""
+        return {p.name: float(torch.stack(p.terms).detach().sum()) for _, p in self.parts if p.terms}
+
+
+class ViTPrior(WeightedPriors):
     """``entropy · vit_patch_entropy + stats · vit_token_stats`` (the latter only where statistics are
     attached to the teacher). What ``prior=auto`` picks for a ViT teacher.
 
@@ -610,28 +638,6 @@ class ViTPrior(StatisticsPrior):
         if not self.parts:
             raise DfkdError("the 'vit' prior has nothing to compute: entropy=0 and no token statistics attached")
 
-    def _attach(self) -> None:
-        for _, p in self.parts:
-            p.__enter__()
-
-    def remove(self) -> None:
-        for _, p in getattr(self, "parts", []):
-            p.remove()
-
-    def reset(self) -> None:
-        for _, p in self.parts:
-            p.reset()
-
-    @property
-    def terms(self) -> list[torch.Tensor]:
-        return [w * t for w, p in self.parts for t in p.terms]
-
-    def loss(self, reset: bool = True) -> torch.Tensor:
-        return torch.stack([w * p.loss(reset=reset) for w, p in self.parts]).sum()
-
-    def components(self) -> dict[str, float]:
-        """The current value of each part (without resetting), for logging."""
-        return {p.name: float(torch.stack(p.terms).detach().sum()) for _, p in self.parts if p.terms}
 
 
 # -- teacher-only priors: nothing but the teacher's weights ----------------------------------------
@@ -869,7 +875,7 @@ class PatchContrastPrior(TransformerPrior):
             self._handles.append(s.block.register_forward_hook(lambda m, inp, out, s=s: self._term(_batch_first(s, out))))
 
 
-class TeacherOnlyPrior(StatisticsPrior):
+class TeacherOnlyPrior(WeightedPriors):
     """The teacher-only combination: ``entropy · vit_patch_entropy (maximised) + bootstrap · vit_bootstrap +
     heads · vit_head_agreement + contrast · vit_patch_contrast``, parts with weight 0 left out. Nothing
     recorded on real data is used. ``bootstrap_kwargs`` etc. go to the parts."""
@@ -893,27 +899,6 @@ class TeacherOnlyPrior(StatisticsPrior):
         if not self.parts:
             raise DfkdError("the 'vit_free' prior has nothing to compute: every weight is 0")
 
-    def _attach(self) -> None:
-        for _, p in self.parts:
-            p.__enter__()
-
-    def remove(self) -> None:
-        for _, p in getattr(self, "parts", []):
-            p.remove()
-
-    def reset(self) -> None:
-        for _, p in self.parts:
-            p.reset()
-
-    @property
-    def terms(self) -> list[torch.Tensor]:
-        return [w * t for w, p in self.parts for t in p.terms]
-
-    def loss(self, reset: bool = True) -> torch.Tensor:
-        return torch.stack([w * p.loss(reset=reset) for w, p in self.parts]).sum()
-
-    def components(self) -> dict[str, float]:
-        return {p.name: float(torch.stack(p.terms).detach().sum()) for _, p in self.parts if p.terms}
 
 
 PRIORS.register("vit_patch_entropy")(PatchEntropyPrior)
