@@ -226,18 +226,28 @@ class BoxNoise(Synthesizer):
 @SYNTHESIZERS.register("box_real")
 class BoxReal(Synthesizer):
     """The detection real-data KD ceiling: random real images (``dataset[i]`` gives ``(image, target)`` or
-    an image; ground-truth boxes are ignored), resized to the teacher's input size when they differ."""
+    an image; ground-truth boxes are ignored), brought to the teacher's input size when they differ:
+    ``resize="stretch"`` resizes them to it, ``"letterbox"`` fits the longer side and pads with grey
+    114 (as YOLO prepares its input), ``"auto"`` letterboxes for a teacher that letterboxes its own
+    input (``model.input_letterbox``, the YOLO detectors) and stretches otherwise."""
 
     task = "detection"
     needs_real_data = True
+    RESIZE = ("auto", "stretch", "letterbox")
 
-    def __init__(self, teacher, dataset=None, batch_size: int = 32, seed: int = 0, device="cpu"):
+    def __init__(self, teacher, dataset=None, batch_size: int = 32, seed: int = 0, device="cpu",
+                 resize: str = "auto"):
+        from dfkd.errors import DfkdError
+
         if dataset is None or len(dataset) == 0:
-            from dfkd.errors import DfkdError
-
             raise DfkdError("the real-image source needs a non-empty dataset")
+        if resize not in self.RESIZE:
+            raise DfkdError(f"box_real resize must be one of {', '.join(self.RESIZE)}, got {resize!r}")
         super().__init__(teacher, batch_size, seed, device)
         self.dataset = dataset
+        if resize == "auto":
+            resize = "letterbox" if getattr(getattr(teacher, "model", None), "input_letterbox", False) else "stretch"
+        self.resize = resize
 
     def step(self, student: nn.Module | None = None) -> SyntheticBatch:
         import torch.nn.functional as F
@@ -249,6 +259,11 @@ class BoxReal(Synthesizer):
             item = self.dataset[i]
             x = torch.as_tensor(item[0] if isinstance(item, (tuple, list)) else item, dtype=torch.float32)
             if tuple(x.shape[-2:]) != (h, w):
-                x = F.interpolate(x[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+                if self.resize == "letterbox" and h == w:
+                    from dfkd.detection.yolo import letterbox
+
+                    x = letterbox(x, h)[0]
+                else:
+                    x = F.interpolate(x[None], size=(h, w), mode="bilinear", align_corners=False)[0]
             images.append(x)
         return SyntheticBatch(images=torch.stack(images).to(self.device))
