@@ -452,7 +452,12 @@ def load_detector(path: str | Path, **overrides: Any) -> nn.Module:
         raise DfkdError(f"{meta} does not describe a detector")
     build.pop("backbone_checkpoint", None)
     build.update(overrides)
-    model = build_detector(**build)
+    if build.get("arch") == "yolo":  # a YOLO student dfkd saved (dfkd.detection.yolo_task)
+        from dfkd.detection.yolo_task import build_yolo_task_detector
+
+        model = build_yolo_task_detector(**build)
+    else:
+        model = build_detector(**build)
     load_checkpoint_into(model, path)
     return model.eval()
 
@@ -469,6 +474,8 @@ def head_outputs(model: nn.Module, images) -> dict[str, torch.Tensor]:
     with gradients reaching the images; BatchNorm and dropout layers run in eval mode (the model's
     modes are restored), so a student's running statistics are not touched.
     """
+    if hasattr(model, "head_dict"):  # a YOLO (dfkd.detection.yolo_task): its flat head view
+        return model.head_dict(images)
     if not hasattr(model, "head") or not hasattr(model, "backbone"):
         raise DfkdError(f"{type(model).__name__} has no one-stage detection head (FCOS/RetinaNet)")
     modes = {m: m.training for m in model.modules()}

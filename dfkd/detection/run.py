@@ -124,7 +124,10 @@ def check_task(syn_cls: type, name: str, task: str) -> None:
 
 def load_teacher_detector(teacher_cfg: Mapping[str, Any]):
     from dfkd.detection.models import load_detector
+    from dfkd.detection.yolo_task import is_yolo_teacher, load_yolo_teacher
 
+    if is_yolo_teacher(teacher_cfg):  # teacher=yolo, or a YOLO .pt/.yaml file
+        return load_yolo_teacher(teacher_cfg)
     if teacher_cfg.get("model") is not None:
         raise DfkdError(f"task=detection reads the teacher's build from its checkpoint's JSON; teacher.model "
                         f"({teacher_cfg['model']!r}) must be unset: use teacher=detector teacher.checkpoint=DET")
@@ -170,6 +173,10 @@ def build_student_detector(tb: Mapping[str, Any], s: DetectionSettings):
     """The student: the teacher's detector type, size, channels and normalisation, a smaller backbone."""
     from dfkd.detection.models import build_detector
 
+    if tb.get("arch") == "yolo":  # a narrower YOLO, or a dfkd FCOS for the YOLO's classes
+        from dfkd.detection.yolo_task import build_yolo_task_student
+
+        return build_yolo_task_student(tb, s)
     small = s.student_backbone == "small_cnn"
     width = s.student_width or max(2, int(tb.get("width", 16)) // 2)
     fpn = s.student_fpn or max(4, int(tb.get("fpn_channels", 32)) // 2)
