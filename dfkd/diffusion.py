@@ -18,19 +18,22 @@ from __future__ import annotations
 
 import json
 import logging
-import time
+import math
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from dfkd.engine import Engine, Schedule, Task
 from dfkd.errors import DfkdError
 from dfkd.models.checkpoint import atomic_torch_save, atomic_write_json
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.pt"
+STATE_FORMAT = "dfkd-engine-1"
 META_FILE = "dfkd_diffusion.json"
 
 
@@ -70,6 +73,87 @@ def unet_config(input_size: Sequence[int], num_classes: int, widths: Sequence[in
 
 def _to_unit(images: torch.Tensor) -> torch.Tensor:
     return images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
+
+
+class DiffusionTraining(Task):
+    """Class-conditional DDPM training (epsilon prediction, classifier-free-guidance label dropout,
+    EMA weights) as an engine task. A round is the steps up to the next multiple of
+    ``round_steps`` (the gcd of 50, the loss-curve interval, and the checkpoint interval), so rounds,
+    checkpoints and the loss curve stay aligned across resumes."""
+
+    name = "train diffusion"
+    CURVE_EVERY = 50
+
+    def __init__(self, unet, ema, images, labels, acp, num_classes: int, batch_size: int, flip: bool,
+                 p_uncond: float, train_timesteps: int, ema_decay: float, steps: int, checkpoint_every: int,
+                 seed: int, device: torch.device):
+        self.unet, self.ema, self.x_all, self.y_all, self.acp = unet, ema, images, labels, acp
+        self.null, self.batch_size, self.flip, self.p_uncond = int(num_classes), batch_size, flip, p_uncond
+        self.train_timesteps, self.ema_decay, self.steps, self.device = train_timesteps, ema_decay, steps, device
+        self.round_steps = math.gcd(self.CURVE_EVERY, checkpoint_every) if checkpoint_every else self.CURVE_EVERY
+        self.checkpoint_rounds = max(1, checkpoint_every // self.round_steps) if checkpoint_every else 0
+        self.gen = torch.Generator().manual_seed(int(seed))
+        self.running: Optional[torch.Tensor] = None  # smoothed loss, on the device
+        self.losses: list[list] = []
+        self._rng_at_step = self.gen.get_state()
+
+    def modules(self) -> list[nn.Module]:
+        return [self.unet]
+
+    def begin(self, engine: Engine) -> None:
+        self.unet.train()
+
+    def running_value(self) -> Optional[float]:
+        return None if self.running is None else float(self.running)
+
+    def _ema_update(self, step: int) -> None:
+        with torch.no_grad():
+            d = min(self.ema_decay, (1 + step) / (10 + step))
+            for pe, p in zip(self.ema.parameters(), self.unet.parameters()):
+                pe.lerp_(p, 1 - d)
+            for be, b in zip(self.ema.buffers(), self.unet.buffers()):
+                be.copy_(b)
+
+    def round(self, engine: Engine) -> dict[str, Any]:
+        dev, gen = self.device, self.gen
+        while not engine.finished():
+            self._rng_at_step = gen.get_state()
+            idx = torch.randint(len(self.x_all), (self.batch_size,), generator=gen)
+            x0 = _to_unit(self.x_all[idx]).to(dev) * 2 - 1
+            y = self.y_all[idx].to(dev)
+            if self.flip:
+                fl = torch.rand(len(x0), generator=gen).to(dev) < 0.5
+                x0 = torch.where(fl[:, None, None, None], x0.flip(3), x0)
+            drop = torch.rand(len(y), generator=gen).to(dev) < self.p_uncond
+            y = torch.where(drop, torch.full_like(y, self.null), y)
+            t = torch.randint(self.train_timesteps, (len(x0),), generator=gen).to(dev)
+            noise = torch.randn(x0.shape, generator=gen).to(dev)
+            a = self.acp[t].view(-1, 1, 1, 1)
+            xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            pred = self.unet(xt, t, class_labels=y).sample
+            loss = F.mse_loss(pred.float(), noise)
+            step = engine.step
+            lv = engine.optimizer_step(loss, after=lambda: self._ema_update(step))
+            self.running = lv if self.running is None else 0.98 * self.running + 0.02 * lv
+            if engine.step % self.CURVE_EVERY == 0 or engine.step == self.steps:
+                self.losses.append([engine.step, float(self.running)])
+            if engine.step % self.round_steps == 0:
+                break
+        return {"loss": self.running if self.running is not None else 0.0}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema": self.ema.state_dict(), "rng": self.gen.get_state(), "losses": self.losses,
+                "running": self.running_value()}
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        self.ema.load_state_dict(st["ema"])
+        self.gen.set_state(st["rng"])
+        self.losses = [list(x) for x in st["losses"]]
+        r = st.get("running")
+        self.running = None if r is None else torch.tensor(float(r), device=self.device)
+
+    def rewind(self, snapshot: Any) -> None:
+        self.gen.set_state(self._rng_at_step)  # the cut-short step's draws are made again on resume
 
 
 def train_diffusion(
@@ -128,109 +212,41 @@ def train_diffusion(
     sched = DDPMScheduler(num_train_timesteps=int(train_timesteps), beta_schedule=beta_schedule,
                           prediction_type="epsilon", clip_sample=False)
     opt = torch.optim.AdamW(unet.parameters(), lr=float(lr), weight_decay=0.0)
-    gen = torch.Generator().manual_seed(int(seed))
-    step, losses, wall_before, running = 0, [], 0.0, None
+    task = DiffusionTraining(unet, ema, images, labels.long(), sched.alphas_cumprod.to(device), int(num_classes),
+                             int(batch_size), bool(flip), float(p_uncond), int(train_timesteps), float(ema_decay),
+                             int(steps), int(checkpoint_every or 0), int(seed), device)
     state_path = out / STATE_FILE
+    state = None
     if state_path.is_file():
         try:
-            state = torch.load(state_path, map_location=device, weights_only=True)
+            saved = torch.load(state_path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - unreadable checkpoint
             raise DfkdError(f"cannot read {state_path} ({type(e).__name__}); delete it to start over") from None
-        if state.get("settings") != settings:
+        if not isinstance(saved, dict) or saved.get("format") != STATE_FORMAT:
+            raise DfkdError(f"{state_path} was saved by another version of dfkd; delete it to start over")
+        if saved.get("settings") != settings:
             raise DfkdError(f"{out} holds a training run with other settings or data; choose another output "
                             "folder or delete it")
-        unet.load_state_dict(state["unet"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        gen.set_state(state["rng"])
-        step, losses, wall_before = int(state["step"]), list(state["losses"]), float(state["wall"])
-        running = state.get("running")  # the smoothed loss, so a resumed run logs what an unbroken one does
-        running = None if running is None else float(running)
-        log.info("resuming diffusion training at step %d of %d", step, steps)
+        state = saved
+        log.info("resuming diffusion training at step %d of %d", int(saved["step"]), steps)
 
-    x_all = images  # kept in its stored dtype; batches are converted on the fly
-    y_all = labels.long()
-    acp = sched.alphas_cumprod.to(device)
-    null = int(num_classes)
+    def save_state(run_state: dict) -> None:
+        atomic_torch_save({"format": STATE_FORMAT, "settings": settings, **run_state}, state_path)
 
-    def save_state(wall: float, rng: Optional[torch.Tensor] = None) -> None:
-        atomic_torch_save({"settings": settings, "unet": unet.state_dict(), "ema": ema.state_dict(),
-                           "opt": opt.state_dict(), "rng": gen.get_state() if rng is None else rng,
-                           "step": step, "losses": losses,
-                           "running": running, "wall": wall}, state_path)
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=int(steps), initial=step, desc="train diffusion", dynamic_ncols=True)
-    t0 = time.perf_counter()
-    stopped_by_budget = False
-    unet.train()
-    # An interrupt (Ctrl-C) before the step's update saves the state the step started from (the
-    # random state included), so the resumed run redoes that step exactly; one during the update
-    # keeps the last checkpoint, which is whole.
-    rng_at_step, updating = gen.get_state(), False
-    try:
-        while step < steps:
-            if budget_seconds is not None and wall_before + time.perf_counter() - t0 >= budget_seconds:
-                stopped_by_budget = True
-                break
-            rng_at_step = gen.get_state()
-            idx = torch.randint(len(x_all), (int(batch_size),), generator=gen)
-            x0 = _to_unit(x_all[idx]).to(device) * 2 - 1
-            y = y_all[idx].to(device)
-            if flip:
-                fl = torch.rand(len(x0), generator=gen).to(device) < 0.5
-                x0 = torch.where(fl[:, None, None, None], x0.flip(3), x0)
-            drop = torch.rand(len(y), generator=gen).to(device) < p_uncond
-            y = torch.where(drop, torch.full_like(y, null), y)
-            t = torch.randint(int(train_timesteps), (len(x0),), generator=gen).to(device)
-            noise = torch.randn(x0.shape, generator=gen).to(device)
-            a = acp[t].view(-1, 1, 1, 1)
-            xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-            pred = unet(xt, t, class_labels=y).sample
-            loss = F.mse_loss(pred.float(), noise)
-            for g in opt.param_groups:
-                g["lr"] = float(lr) * min(1.0, (step + 1) / max(1, warmup))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-            updating = True
-            opt.step()
-            with torch.no_grad():
-                d = min(float(ema_decay), (1 + step) / (10 + step))
-                for pe, p in zip(ema.parameters(), unet.parameters()):
-                    pe.lerp_(p, 1 - d)
-                for be, b in zip(ema.buffers(), unet.buffers()):
-                    be.copy_(b)
-            step += 1
-            lv = float(loss.detach())
-            running = lv if running is None else 0.98 * running + 0.02 * lv
-            if step % 50 == 0 or step == steps:
-                losses.append([step, running])
-            updating = False
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{running:.4f}")
-            if checkpoint_every and step % int(checkpoint_every) == 0 and step < steps:
-                save_state(wall_before + time.perf_counter() - t0)
-    except KeyboardInterrupt:
-        if not updating:
-            save_state(wall_before + time.perf_counter() - t0, rng=rng_at_step)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    wall = wall_before + time.perf_counter() - t0
-    save_state(wall)
+    engine = Engine(unet, opt, Schedule(float(lr), int(steps), "step", min(0.5, int(warmup) / max(1, int(steps))),
+                                        "constant", budget_seconds),
+                    device=device, grad_clip=1.0, checkpoint_every=task.checkpoint_rounds, save_fn=save_state,
+                    progress="train diffusion" if progress else None)
+    res = engine.run(task, state)
+    step, wall, running, losses = res["steps"], res["wall_seconds"], task.running_value(), task.losses
+    stopped_by_budget = res["stopped_by_budget"]
     ema.save_pretrained(str(out / "unet"))
     sched.save_pretrained(str(out / "scheduler"))
     finished = step >= steps
     info = {
         "format": 1, "kind": "class-conditional-ddpm", "num_classes": int(num_classes),
         "class_names": list(class_names) if class_names else [str(k) for k in range(num_classes)],
-        "null_class": null, "input_size": list(images.shape[1:]), "settings": settings,
+        "null_class": int(num_classes), "input_size": list(images.shape[1:]), "settings": settings,
         "steps_done": step, "finished": finished, "final_loss": running, "loss_curve": losses,
         "train_seconds": wall, **dict(meta or {}),
     }

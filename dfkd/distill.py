@@ -9,11 +9,8 @@ logging, checkpointing and the wall-clock budget happen between rounds.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -27,6 +24,7 @@ from dfkd import dist as D
 from dfkd.data import ArrayDataset
 from dfkd.eval.classification import evaluate
 from dfkd.losses.student import LogitKD, StudentLoss
+from dfkd.engine import Engine, Schedule, Task, amp_dtype, budget_seconds
 from dfkd.models.checkpoint import atomic_torch_save
 from dfkd.teacher import Normalized, Teacher
 from generators.base import Synthesizer, SyntheticBatch
@@ -203,13 +201,72 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+CHECKPOINT_FORMAT = "dfkd-engine-1"
+
+
+class ClassificationDistillation(Task):
+    """Classification distillation as an engine task: each round one synthesizer step, the batch into
+    the replay memory, ``kd_steps`` student steps on augmented (mixed) batches from the memory,
+    matching the teacher's outputs on the same images."""
+
+    name = "distill"
+
+    def __init__(self, d: "Distiller"):
+        self.d = d
+        self.synth_seconds = 0.0
+        self.synth_images = 0
+
+    def modules(self) -> list[nn.Module]:
+        return [m for m in (self.d.teacher, self.d.student) if m is not None]
+
+    def begin(self, engine: Engine) -> None:
+        self.d.student.train()
+
+    def round(self, engine: Engine) -> dict[str, Any]:
+        d = self.d
+        t0 = time.perf_counter()
+        batch = d.synth.step(d.student if d.synth.uses_student else None)
+        self.synth_seconds += time.perf_counter() - t0
+        self.synth_images += len(batch)
+        d.memory.add(batch)
+        d.student.train()
+        losses = [d.train_student_step(*d.memory.sample(d.s.batch_size, d.rng)) for _ in range(d.s.kd_steps)]
+        return {"kd_loss": torch.stack(losses).mean() if losses else 0.0, **batch.stats}
+
+    def evaluate(self, engine: Engine) -> dict[str, float]:
+        return self.d.evaluate()
+
+    def report(self, engine: Engine, record: dict[str, Any], metrics: dict[str, float]) -> None:
+        ips = self.synth_images / self.synth_seconds if self.synth_seconds > 0 else 0.0
+        parts = [f"round {engine.round}/{engine.schedule.total}", f"{record['wall']:.0f} s",
+                 f"kd {record['kd_loss']:.4f}"]
+        if "top1" in metrics:
+            parts.append(f"top-1 {metrics['top1']:.4f}")
+        parts.append(f"synth {ips:.1f} img/s")
+        if "syn/teacher_acc" in record:
+            parts.append(f"teacher agreement {record['syn/teacher_acc']:.3f}")
+        log.info("%s", "  ".join(parts))
+
+    def state_dict(self) -> dict[str, Any]:
+        d = self.d
+        return {"loss": d.loss.state_dict() if isinstance(d.loss, nn.Module) else {},
+                "synthesizer": d.synth.state_dict(), "memory": d.memory.state_dict(),
+                "rng": d.rng.get_state(), "mix_toggle": d._mix_toggle}
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        d = self.d
+        if isinstance(d.loss, nn.Module) and st.get("loss"):
+            d.loss.load_state_dict(st["loss"])
+        d.synth.load_state_dict(st["synthesizer"])
+        d.memory.load_state_dict(st["memory"])
+        d.rng.set_state(st["rng"])
+        d._mix_toggle = bool(st.get("mix_toggle", False))
 
 
 class Distiller:
+    """Distil ``student`` from ``teacher`` on what ``synthesizer`` makes: a
+    :class:`ClassificationDistillation` task on the one :class:`dfkd.engine.Engine`."""
+
     def __init__(
         self,
         teacher: Teacher,
@@ -225,38 +282,38 @@ class Distiller:
         on_round: Optional[Callable[[dict], None]] = None,
         loss: Optional[StudentLoss] = None,
     ):
+        from dfkd.errors import DfkdError
+
         self.teacher, self.student, self.synth = teacher, student, synthesizer
-        self.train_model: nn.Module = student  # the DistributedDataParallel wrapper under torchrun
         self.main = D.is_main()
         self.s = settings
         if settings.mix not in ("none", "mixup", "cutmix", "both"):
-            from dfkd.errors import DfkdError
-
             raise DfkdError(f"distill.mix must be none, mixup, cutmix or both, got {settings.mix!r}")
         if settings.teacher_logits not in ("live", "stored"):
-            from dfkd.errors import DfkdError
-
             raise DfkdError(f"distill.teacher_logits must be 'live' or 'stored', got {settings.teacher_logits!r}")
         self.loss = loss if loss is not None else LogitKD()
         self.test_set = test_set
         self.augment = augment if augment is not None else nn.Identity()
         self.run_dir = Path(run_dir) if run_dir else None
         self.device = torch.device(device)
-        self.progress = progress
-        self.on_round = on_round
         self.memory = Memory(settings.pool_size, self.device, storage=settings.memory,
                              checkpoint_mb=settings.checkpoint_pool_mb)
         self.rng = torch.Generator().manual_seed(seed + 17)
         self._mix_toggle = False
         self.optimizer = self._build_optimizer()
-        self.round = 0
-        self.elapsed = 0.0  # wall seconds spent in earlier runs of this job (resume)
-        self.history: list[dict] = []
-        self.amp_dtype = _amp_dtype(settings.amp, self.device)
-        from dfkd.optim import grad_scaler
-
-        self.scaler = grad_scaler(self.amp_dtype, self.device)
-        self.writer = None
+        self.task = ClassificationDistillation(self)
+        self.engine = Engine(
+            student, self.optimizer,
+            Schedule(settings.lr, settings.rounds, "round", settings.warmup, settings.schedule,
+                     budget_seconds(settings.budget_minutes)),
+            device=self.device, amp=amp_dtype(settings.amp, self.device), grad_clip=settings.grad_clip,
+            distributed=D.world_size() > 1, compile=settings.compile, checkpoint_every=settings.checkpoint_every,
+            save_fn=self._save if self.run_dir else None, eval_every=settings.eval_every,
+            eval_every_seconds=settings.eval_every_seconds,
+            metrics_path=self.run_dir / "metrics.jsonl" if self.run_dir else None,
+            tensorboard_dir=self.run_dir / "tb" if self.run_dir else None,
+            progress="distill" if progress else None, on_record=on_round)
+        self.scaler = self.engine.scaler
 
     # -- setup ---------------------------------------------------------------------------
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -270,21 +327,13 @@ class Distiller:
         return build_optimizer(self.student, self.s.optimizer, lr=self.s.lr, weight_decay=self.s.weight_decay,
                                momentum=self.s.momentum, extra=extra)
 
-    def _lr_factor(self, progress: float) -> float:
-        from dfkd.optim import lr_factor
+    @property
+    def history(self) -> list[dict]:
+        return self.engine.history
 
-        return lr_factor(progress, self.s.warmup, self.s.schedule)
-
-    def _progress(self, wall: float) -> float:
-        p = self.round / max(1, self.s.rounds)
-        if self.s.budget_minutes:
-            p = max(p, wall / (60.0 * self.s.budget_minutes))
-        return min(p, 1.0)
-
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+    @property
+    def round(self) -> int:
+        return self.engine.round
 
     # -- checkpoints ---------------------------------------------------------------------
     @property
@@ -294,66 +343,23 @@ class Distiller:
             return None
         return self.run_dir / ("checkpoint.pt" if D.world_size() == 1 else f"checkpoint.rank{D.rank()}.pt")
 
-    def state_dict(self, wall: float) -> dict[str, Any]:
-        return {
-            "round": self.round,
-            "elapsed": wall,
-            "student": self.student.state_dict(),
-            "loss": self.loss.state_dict() if isinstance(self.loss, nn.Module) else {},
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
-            "synthesizer": self.synth.state_dict(),
-            "memory": self.memory.state_dict(),
-            "rng": self.rng.get_state(),
-            "mix_toggle": self._mix_toggle,
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "history": json.dumps(self.history),
-        }
+    def _save(self, state: dict[str, Any]) -> None:
+        atomic_torch_save({"format": CHECKPOINT_FORMAT, **state}, self.checkpoint_path)
 
-    def save_checkpoint(self, wall: float) -> None:
-        if self.checkpoint_path is not None:
-            atomic_torch_save(self.state_dict(wall), self.checkpoint_path)
+    def _read_checkpoint(self, path: Path) -> dict[str, Any]:
+        from dfkd.errors import DfkdError
 
-    def load_checkpoint(self, path: str | Path) -> None:
-        st = torch.load(path, map_location="cpu", weights_only=True)
-        self.round = int(st["round"])
-        self.elapsed = float(st["elapsed"])
-        self.student.load_state_dict(st["student"])
-        if isinstance(self.loss, nn.Module) and st.get("loss"):
-            self.loss.load_state_dict(st["loss"])
-        self.optimizer.load_state_dict(st["optimizer"])
-        if self.scaler is not None and st.get("scaler"):
-            self.scaler.load_state_dict(st["scaler"])
-        self.synth.load_state_dict(st["synthesizer"])
-        self.memory.load_state_dict(st["memory"])
-        self.rng.set_state(st["rng"])
-        self._mix_toggle = bool(st.get("mix_toggle", False))
-        torch.set_rng_state(st["torch_rng"])
-        if st["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(st["cuda_rng"])
-        self.history = json.loads(st["history"])
+        try:
+            st = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a torn or foreign file
+            raise DfkdError(f"cannot read the saved run {path} ({type(e).__name__}); use resume=false or "
+                            "another hydra.run.dir") from None
+        if not isinstance(st, dict) or st.get("format") != CHECKPOINT_FORMAT:
+            raise DfkdError(f"{path} was saved by another version of dfkd; use resume=false or another "
+                            "hydra.run.dir")
+        return st
 
-    # -- logging -------------------------------------------------------------------------
-    def _log(self, record: dict) -> None:
-        self.history.append(record)
-        if self.run_dir is not None and self.main:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("round",):
-                    self.writer.add_scalar(k, v, record["round"])
-        if self.on_round is not None:
-            self.on_round(record)
-
-    def _rewrite_metrics(self) -> None:
-        if self.run_dir is not None and self.main:
-            tmp = self.run_dir / "metrics.jsonl.tmp"
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
-            os.replace(tmp, self.run_dir / "metrics.jsonl")
-
-    # -- the loop ------------------------------------------------------------------------
+    # -- one student step ----------------------------------------------------------------
     def train_student_step(self, images: torch.Tensor, stored_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.s.teacher_logits == "stored":
             xa, t = images, stored_logits  # the stored logits belong to these exact pixels: no augmentation
@@ -365,22 +371,9 @@ class Distiller:
             t = None
         if self.s.channels_last:
             xa = xa.contiguous(memory_format=torch.channels_last)
-        with self._autocast():
-            loss, _ = self.loss(self.train_model, self.teacher, xa, t)
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:  # fp16: scaled loss, unscaled before clipping, steps skipped on overflow
-            self.scaler.scale(loss).backward()
-            if self.s.grad_clip > 0:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.s.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            return loss.detach()
-        loss.backward()
-        if self.s.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.s.grad_clip)
-        self.optimizer.step()
-        return loss.detach()
+        with self.engine.autocast():
+            loss, _ = self.loss(self.engine.train_model, self.teacher, xa, t)
+        return self.engine.optimizer_step(loss, list(self.student.parameters()))
 
     def _mix(self, x: torch.Tensor) -> torch.Tensor:
         """Mixup or CutMix of a batch with a shuffled copy of itself, per-sample ratios. The teacher is
@@ -412,119 +405,41 @@ class Distiller:
         return evaluate(self.student, self.test_set, device=self.device)
 
     def fit(self, resume: bool = True) -> dict[str, Any]:
+        state = None
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if resume and self.checkpoint_path.is_file():
-                self.load_checkpoint(self.checkpoint_path)
-                self._rewrite_metrics()
-            elif (self.run_dir / "metrics.jsonl").exists() and self.main:
-                (self.run_dir / "metrics.jsonl").unlink()
+                state = self._read_checkpoint(self.checkpoint_path)
             if D.world_size() > 1:
-                rounds = D.gather_objects(self.round)
+                rounds = D.gather_objects(int(state["round"]) if state else 0)
                 if len(set(rounds)) > 1:
                     from dfkd.errors import DfkdError
 
                     raise DfkdError(f"the ranks' checkpoints are at different rounds {rounds}; "
                                     "delete the newer ones or start a new run folder")
-            try:
-                if self.main:
-                    from torch.utils.tensorboard import SummaryWriter
-
-                    self.writer = SummaryWriter(str(self.run_dir / "tb"))
-            except Exception:  # tensorboard is optional
-                self.writer = None
-        self.student.to(self.device).train()
-        if D.world_size() > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = DistributedDataParallel(self.student, device_ids=ids)
+        self.student.to(self.device)
         if self.teacher is not None:
             self.teacher.to(self.device)
         if self.s.channels_last:
             self.student.to(memory_format=torch.channels_last)
             if self.teacher is not None:
                 self.teacher.to(memory_format=torch.channels_last)
-        if self.s.compile and not isinstance(self.train_model, torch._dynamo.eval_frame.OptimizedModule):
-            self.train_model = torch.compile(self.train_model)
-        start = time.perf_counter() - self.elapsed
-        synth_seconds = 0.0
-        synth_images = 0
-        bar = None
-        if self.progress and self.main:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=self.s.rounds, initial=self.round, desc="distill", unit="round", dynamic_ncols=True)
-        last_eval: dict[str, float] = {}
-        last_report = time.perf_counter() - start
-        try:
-            while self.round < self.s.rounds:
-                wall = time.perf_counter() - start
-                if self.s.budget_minutes and D.any_flag(wall >= 60.0 * self.s.budget_minutes, self.device):
-                    break
-                t0 = time.perf_counter()
-                batch = self.synth.step(self.student if self.synth.uses_student else None)
-                synth_seconds += time.perf_counter() - t0
-                synth_images += len(batch)
-                self.memory.add(batch)
-                self.student.train()
-                lr = self.s.lr * self._lr_factor(self._progress(wall))
-                for g in self.optimizer.param_groups:
-                    g["lr"] = lr
-                losses = [self.train_student_step(*self.memory.sample(self.s.batch_size, self.rng))
-                          for _ in range(self.s.kd_steps)]
-                self.round += 1
-                wall = time.perf_counter() - start
-                record: dict[str, Any] = {"round": self.round, "wall": round(wall, 3), "lr": lr,
-                                          "kd_loss": float(torch.stack(losses).mean()) if losses else 0.0,
-                                          **batch.stats}
-                final = self.round >= self.s.rounds or bool(
-                    self.s.budget_minutes and D.any_flag(wall >= 60.0 * self.s.budget_minutes, self.device))
-                due = bool(self.s.eval_every_seconds and wall - last_report >= self.s.eval_every_seconds)
-                if (self.s.eval_every and self.round % self.s.eval_every == 0) or final or due:
-                    last_eval = self.evaluate()
-                    record.update({f"test/{k}": v for k, v in last_eval.items()})
-                    last_report = wall
-                    if self.main:
-                        ips = synth_images / synth_seconds if synth_seconds > 0 else 0.0
-                        parts = [f"round {self.round}/{self.s.rounds}", f"{wall:.0f} s", f"kd {record['kd_loss']:.4f}"]
-                        if "top1" in last_eval:
-                            parts.append(f"top-1 {last_eval['top1']:.4f}")
-                        parts.append(f"synth {ips:.1f} img/s")
-                        if "syn/teacher_acc" in record:
-                            parts.append(f"teacher agreement {record['syn/teacher_acc']:.3f}")
-                        log.info("%s", "  ".join(parts))
-                self._log(record)
-                if self.s.checkpoint_every and self.round % self.s.checkpoint_every == 0:
-                    self.save_checkpoint(time.perf_counter() - start)
-                if bar is not None:
-                    bar.update(1)
-                    post = {"kd": f"{record['kd_loss']:.3f}"}
-                    if last_eval:
-                        post["top1"] = f"{last_eval['top1']:.3f}"
-                    bar.set_postfix(post)
-        finally:
-            if bar is not None:
-                bar.close()
-            if self.writer is not None:
-                self.writer.close()
-        wall = time.perf_counter() - start
-        if not last_eval or self.history and "test/top1" not in self.history[-1]:
-            last_eval = self.evaluate()
-        self.save_checkpoint(wall)
+        out = self.engine.run(self.task, state)
+        last_eval = out["last_eval"]
         ranks = D.gather_objects({
             "rank": D.rank(),
             "student_digest": D.tensor_digest(self.student.state_dict().values()),
             "memory_digest": D.tensor_digest([self.memory.images[: self.memory.size]])
             if self.memory.size else None,
         })
+        t = self.task
         return {
             "world_size": D.world_size(),
             "ranks": ranks,
-            "rounds": self.round,
-            "wall_seconds": wall,
+            "rounds": out["rounds"],
+            "wall_seconds": out["wall_seconds"],
             "student_top1": last_eval.get("top1"),
             "student_top5": last_eval.get("top5"),
-            "synth_seconds_this_session": synth_seconds,
-            "synth_images_per_second": synth_images / synth_seconds if synth_seconds > 0 else None,
+            "synth_seconds_this_session": t.synth_seconds,
+            "synth_images_per_second": t.synth_images / t.synth_seconds if t.synth_seconds > 0 else None,
         }

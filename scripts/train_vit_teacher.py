@@ -39,59 +39,19 @@ SMOKE_VIT = dict(model="vit_tiny_patch16_224", kwargs=dict(img_size=8, patch_siz
 def train_vit(net, train, test, epochs: int, batch_size: int, lr: float, weight_decay: float, warmup_epochs: float,
               label_smoothing: float, device, amp: bool, seed: int, max_steps: int | None = None,
               progress: bool = True, crop_padding: int = 4, flip: bool = True):
-    """AdamW + warmup/cosine + random crop/flip (kornia, on the device) + label smoothing."""
-    import torch
-    import torch.nn.functional as F
-
+    """AdamW + warmup/cosine + random crop/flip (kornia, on the device) + label smoothing + clipping,
+    through the library's supervised trainer (dfkd.train.train_classifier, the one engine)."""
     from dfkd.augment import build_augment
-    from dfkd.eval.classification import evaluate
+    from dfkd.train import train_classifier
 
-    net.to(device).train()
-    decay = [p for n, p in net.named_parameters() if p.ndim > 1 and "pos_embed" not in n]
-    no_decay = [p for n, p in net.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.999))
     aug = build_augment(net.input_size, crop_padding=crop_padding, flip=flip).to(device)
     steps_per_epoch = math.ceil(len(train) / batch_size)
     total = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
-    warm = int(warmup_epochs * steps_per_epoch)
-
-    def factor(s):
-        if s < warm:
-            return (s + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    g = torch.Generator().manual_seed(seed)
-    step = 0
-    dtype = torch.bfloat16 if amp and torch.device(device).type == "cuda" else None
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, desc="train ViT teacher", unit="step", dynamic_ncols=True)
-    while step < total:
-        for x, y in train.batches(batch_size, shuffle=True, generator=g):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.no_grad():
-                x = aug(x)
-            with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None):
-                loss = F.cross_entropy(net(x).float(), y, label_smoothing=label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            step += 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-            if step >= total:
-                break
-    if bar is not None:
-        bar.close()
-    net.eval()
-    return evaluate(net, test, device=device)
+    return train_classifier(net, train, test, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                            augment=aug, device=device, seed=seed, label_smoothing=label_smoothing,
+                            progress=progress, optimizer="adamw",
+                            warmup=min(0.5, warmup_epochs * steps_per_epoch / max(1, total)), grad_clip=1.0,
+                            amp="auto" if amp else "none", max_steps=max_steps, desc="train ViT teacher")
 
 
 def main(argv=None) -> dict:

@@ -42,14 +42,14 @@ def _distill_overrides(synthesizer: str, kd_steps: int, checkpoint_every: int) -
 
 def _distill_killed_and_resumed(tmp_path, monkeypatch, overrides, kill_after_round):
     from dfkd.bench import compose
-    from dfkd.distill import Distiller
+    from dfkd.engine import Engine
     from dfkd.pipeline import run_distill
 
     full = run_distill(compose("distill", overrides), tmp_path / "full")
 
     logged: list[int] = []
     armed = [True]
-    log = Distiller._log
+    log = Engine.log
 
     def log_then_maybe_die(self, record):
         log(self, record)  # the round's metrics line is on disk, its checkpoint (if any) is not yet
@@ -58,7 +58,7 @@ def _distill_killed_and_resumed(tmp_path, monkeypatch, overrides, kill_after_rou
             armed[0] = False
             raise Killed
 
-    monkeypatch.setattr(Distiller, "_log", log_then_maybe_die)
+    monkeypatch.setattr(Engine, "log", log_then_maybe_die)
     with pytest.raises(Killed):
         run_distill(compose("distill", overrides), tmp_path / "resumed")
     logged.clear()
@@ -108,9 +108,9 @@ def _diffusion_result(out):
     meta = read_meta(out)
     return {
         "ema": tensor_digest([ema[k] for k in sorted(ema)]),
-        "unet": tensor_digest([state["unet"][k] for k in sorted(state["unet"])]),
-        "adam": tensor_digest([v for s in state["opt"]["state"].values() for _, v in sorted(s.items())]),
-        "step": state["step"], "losses": state["losses"], "final_loss": meta["final_loss"],
+        "unet": tensor_digest([state["model"][k] for k in sorted(state["model"])]),
+        "adam": tensor_digest([v for s in state["optimizer"]["state"].values() for _, v in sorted(s.items())]),
+        "step": state["step"], "losses": state["task"]["losses"], "final_loss": meta["final_loss"],
         "loss_curve": meta["loss_curve"], "steps_done": meta["steps_done"],
     }
 

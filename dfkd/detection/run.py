@@ -39,7 +39,7 @@ from dfkd.errors import DfkdError, close_matches
 log = logging.getLogger("dfkd")
 
 DETECTION_DATA = ("coco", "yolo", "voc", "canvases")
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: the engine's run state (dfkd.engine)
 
 
 @dataclasses.dataclass
@@ -294,7 +294,7 @@ def run_detection(cfg: Mapping[str, Any], run_dir: str | Path) -> dict[str, Any]
     state = None
     if ckpt_path.is_file() and cfg.get("resume", True):
         state = _load_checkpoint(ckpt_path, fingerprint)
-        print(f"resuming {run_dir} at step {state['step']} ({state['wall']:.1f} s done)", file=sys.stderr, flush=True)
+        print(f"resuming {run_dir} at step {state['step']} ({state['elapsed']:.1f} s done)", file=sys.stderr, flush=True)
 
     teacher_model.to(device).eval()
     teacher = DetectionTeacher(teacher_model)
@@ -304,32 +304,18 @@ def run_detection(cfg: Mapping[str, Any], run_dir: str | Path) -> dict[str, Any]
     kd_steps = s.kd_steps or int(getattr(syn_cls, "default_kd_steps", 4))
     atomic_write_json(run_dir / "config.json", cfg)
 
-    metrics_path = run_dir / "metrics.jsonl"
-    if state is None:
-        metrics_path.write_text("")
-
-    def log_record(record: dict) -> None:
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
     def checkpoint(run_state: dict) -> None:
         atomic_torch_save({"version": CHECKPOINT_VERSION, "task": "detection", "settings": fingerprint,
                            "run": run_state}, ckpt_path)
 
-    eval_fn, eval_every = None, 0
+    eval_fn = None
     if val_set is not None and (s.eval_every or s.eval_every_seconds):
-        last = {"t": -float("inf")}
         along = s.eval_images or s.max_val_images
 
         def eval_fn(model) -> dict:
             now = time.perf_counter()
-            if s.eval_every_seconds and now - last["t"] < s.eval_every_seconds:
-                return {}  # time-gated: every method spends about the same share of a budget on evaluation
-            last["t"] = now
             r = score_detector(model, val_set, s, device, along)
             return {"map": r["map"], "map50": r["map50"], "eval_seconds": round(time.perf_counter() - now, 3)}
-
-        eval_every = s.eval_every or kd_steps
 
     res = distill_detector(teacher, student, source, steps=s.steps, batch_size=s.batch_size, lr=s.lr,
                            weight_decay=s.weight_decay, score_thresh=s.score_thresh, head_matching=s.head_matching,
@@ -339,8 +325,9 @@ def run_detection(cfg: Mapping[str, Any], run_dir: str | Path) -> dict[str, Any]
                                                                            scale=s.scale),
                            grad_clip=s.grad_clip,
                            budget_seconds=60 * s.budget_minutes if s.budget_minutes else None, device=device,
-                           seed=seed, progress=progress, eval_fn=eval_fn, eval_every=eval_every,
-                           log_fn=log_record, state=state, checkpoint_fn=checkpoint,
+                           seed=seed, progress=progress, eval_fn=eval_fn, eval_every=s.eval_every,
+                           eval_every_seconds=s.eval_every_seconds, metrics_path=str(run_dir / "metrics.jsonl"),
+                           state=state, checkpoint_fn=checkpoint,
                            checkpoint_every=s.checkpoint_every)
     student.eval()
     save_detector(student, run_dir / "student.safetensors")

@@ -13,10 +13,8 @@ on which class the teacher almost chose — the knowledge that hard pseudo-label
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
-from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
@@ -24,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfkd.detection.boxes import BoxAugment, hflip
+from dfkd.engine import Engine, Schedule, Task
 from dfkd.errors import DfkdError
 
 
@@ -45,30 +44,12 @@ def _loader(data, batch_size: int, seed: int) -> Iterable:
                                        generator=g, drop_last=len(data) > batch_size)
 
 
-@contextmanager
-def kept_modes(*modules: nn.Module) -> Iterator[None]:
-    """Restore every submodule's ``training`` flag on exit (normal or not)."""
-    modes = [(m, m.training) for module in modules for m in module.modules()]
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
 def _optimizer(params, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     raise DfkdError(f"unknown optimizer {name!r}; choose adamw or sgd")
-
-
-def _cosine(step: int, total: int, warmup: int) -> float:
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    p = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(max(p, 0.0), 1.0)))
 
 
 def _augment_batch(images: list[torch.Tensor], targets: list[dict], augment, g: torch.Generator):
@@ -86,6 +67,53 @@ def _augment_batch(images: list[torch.Tensor], targets: list[dict], augment, g: 
         raise DfkdError("a batch augmentation needs images of one size; use augment=True (flips) instead")
     x, t = augment(torch.stack(images), targets, generator=g)
     return list(x.unbind(0)), t
+
+
+class SupervisedDetection(Task):
+    """Supervised detector training as an engine task: a round is ``log_every`` steps on real batches
+    (the loader starts a new epoch when it runs out); the round's mean losses are its record."""
+
+    name = "train detector"
+
+    def __init__(self, model: nn.Module, loader: Iterable, augment, device: torch.device, log_every: int, g):
+        self.model, self.loader, self.augment, self.device = model, loader, augment, device
+        self.log_every, self.g = max(1, int(log_every)), g
+        self.it: Optional[Iterator] = None
+
+    def modules(self) -> list[nn.Module]:
+        return [self.model]
+
+    def begin(self, engine: Engine) -> None:
+        self.model.train()
+
+    def _next(self):
+        if self.it is not None:
+            try:
+                return next(self.it)
+            except StopIteration:
+                pass
+        self.it = iter(self.loader)
+        try:
+            return next(self.it)
+        except StopIteration:
+            raise DfkdError("train_detector: the training data is empty") from None
+
+    def round(self, engine: Engine) -> dict[str, Any]:
+        running: dict[str, torch.Tensor] = {}  # on the device: one host sync per round (the log interval)
+        n = 0
+        while n < self.log_every and not engine.finished():
+            images, targets = self._next()
+            images, targets = _augment_batch(list(images), list(targets), self.augment, self.g)
+            images = [x.to(self.device) for x in images]
+            targets = [{"boxes": t["boxes"].to(self.device).float(), "labels": t["labels"].to(self.device).long()}
+                       for t in targets]
+            losses = self.model(images, targets)
+            loss = sum(losses.values())
+            engine.optimizer_step(loss)
+            n += 1
+            for k, v in {**losses, "loss": loss}.items():
+                running[k] = running[k] + v.detach() if k in running else v.detach()
+        return {k: v / max(1, n) for k, v in running.items()}
 
 
 def train_detector(
@@ -110,9 +138,11 @@ def train_detector(
 
     ``data`` is a dataset of ``(image, {"boxes", "labels", ...})`` or a loader of
     ``(images, targets)`` lists. Runs ``steps`` optimizer steps if given, else ``epochs``
-    passes; AdamW (or SGD) with linear warm-up and a cosine schedule, gradient clipping.
-    ``augment``: ``True`` random horizontal flips, a :class:`BoxAugment` (or any
-    ``(images, targets, generator) -> (images, targets)``), or ``None``. Returns the model in eval mode.
+    passes; AdamW (or SGD) with linear warm-up over ``warmup`` steps and a cosine schedule,
+    gradient clipping — the engine's (:mod:`dfkd.engine`). ``augment``: ``True`` random horizontal
+    flips, a :class:`BoxAugment` (or any ``(images, targets, generator) -> (images, targets)``), or
+    ``None``. ``log_fn`` gets ``{"step", "lr", **mean losses}`` every ``log_every`` steps. Returns the
+    model in eval mode.
     """
     device = torch.device(device)
     model.to(device)
@@ -124,50 +154,17 @@ def train_detector(
             raise DfkdError("train_detector: give steps= for a loader without a length") from None
     steps = int(steps)
     opt = _optimizer([p for p in model.parameters() if p.requires_grad], optimizer, lr, weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps, min(warmup, steps // 5)))
     g = torch.Generator().manual_seed(seed + 1)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps, desc="train detector", unit="step", dynamic_ncols=True)
-    step, n, running = 0, 0, {}  # running sums stay on the device: one host sync per log interval
-    with kept_modes(model):
-        model.train()
-        try:
-            while step < steps:
-                for images, targets in loader:
-                    if step >= steps:
-                        break
-                    images, targets = _augment_batch(list(images), list(targets), augment, g)
-                    images = [x.to(device) for x in images]
-                    targets = [{"boxes": t["boxes"].to(device).float(), "labels": t["labels"].to(device).long()}
-                               for t in targets]
-                    losses = model(images, targets)
-                    loss = sum(losses.values())
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                    opt.step()
-                    sched.step()
-                    step += 1
-                    n += 1
-                    for k, v in {**losses, "loss": loss}.items():
-                        running[k] = running.get(k, 0.0) + v.detach()
-                    if bar is not None:
-                        bar.update(1)
-                    if step % log_every == 0 or step == steps:
-                        means = dict(zip(running, (torch.stack(list(running.values())) / n).tolist()))
-                        if bar is not None:
-                            bar.set_postfix(loss=f"{means['loss']:.3f}")
-                        if log_fn is not None:
-                            log_fn({"step": step, "lr": sched.get_last_lr()[0],
-                                    **{k: v for k, v in means.items() if k != "loss"}})
-                        running, n = {}, 0
-        finally:
-            if bar is not None:
-                bar.close()
+    def on_record(record: dict) -> None:
+        if log_fn is not None:
+            log_fn({"step": record["step"], "lr": record["lr"],
+                    **{k: v for k, v in record.items() if k not in ("round", "step", "wall", "lr", "loss")}})
+
+    engine = Engine(model, opt, Schedule(lr, steps, "step", min(warmup, steps // 5) / max(1, steps)),
+                    device=device, grad_clip=grad_clip, progress="train detector" if progress else None,
+                    on_record=on_record)
+    engine.run(SupervisedDetection(model, loader, augment, device, log_every, g))
     return model.eval()
 
 
@@ -275,6 +272,101 @@ def pseudo_targets(detections: list[dict], score_thresh: float, min_side: float 
     return out
 
 
+class DetectionDistillation(Task):
+    """Detector distillation as an engine task: each round one source step into the image memory,
+    then ``kd_steps`` student steps on augmented memory batches against the teacher's pseudo-boxes
+    (plus head matching / class KD on the teacher's head outputs when the geometry allows)."""
+
+    name = "distill detector"
+
+    def __init__(self, teacher, student, source, memory: ImageMemory, augment, g: torch.Generator, batch_size: int,
+                 kd_steps: int, score_thresh: float, head_matching: bool, head_weight: float, class_kd: float,
+                 class_kd_temperature: float, eval_fn: Optional[Callable[[nn.Module], dict]]):
+        self.teacher, self.student, self.source, self.memory = teacher, student, source, memory
+        self.augment, self.g, self.batch_size, self.kd_steps = augment, g, int(batch_size), int(kd_steps)
+        self.score_thresh, self.head_matching, self.head_weight = score_thresh, head_matching, head_weight
+        self.class_kd, self.class_kd_temperature, self.eval_fn = class_kd, class_kd_temperature, eval_fn
+        self.synth_seconds, self.synth_images = 0.0, 0
+        self.hooks_t = self.hooks_s = None
+
+    def modules(self) -> list[nn.Module]:
+        return [self.student, self.teacher]
+
+    def begin(self, engine: Engine) -> None:
+        if self.head_matching or self.class_kd > 0:
+            self.hooks_t, self.hooks_s = _HeadOutputs(self.teacher.model), _HeadOutputs(self.student)
+
+    def end(self, engine: Engine) -> None:  # hooks removed on every exit path
+        for h in (self.hooks_t, self.hooks_s):
+            if h is not None:
+                h.remove()
+        self.hooks_t = self.hooks_s = None
+
+    def round(self, engine: Engine) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        batch = self.source.step(self.student if getattr(self.source, "uses_student", False) else None)
+        self.synth_seconds += time.perf_counter() - t0
+        self.synth_images += len(batch.images)
+        self.memory.add(batch.images)
+        self.student.train()
+        sums: dict[str, torch.Tensor] = {}  # on the device: synced once per round (the log interval)
+        n_boxes = taken = 0
+        for _ in range(self.kd_steps):
+            if engine.finished():
+                break
+            x = self.memory.sample(self.batch_size, self.g)
+            if self.augment is not None:
+                with torch.no_grad():
+                    x, _ = self.augment(x, None, generator=self.g)
+                x = x.clamp(0, 1)
+            dets = self.teacher.detect(x, self.score_thresh) if hasattr(self.teacher, "detect") else self.teacher(x)
+            targets = pseudo_targets(dets, self.score_thresh)
+            n_boxes += sum(len(t["boxes"]) for t in targets)
+            losses = self.student(list(x.unbind(0)), targets)
+            loss = sum(losses.values())
+            parts = {k: v.detach() for k, v in losses.items()}
+            if self.head_matching or self.class_kd > 0:
+                if _same_geometry(self.hooks_s.out, self.hooks_t.out):
+                    if self.head_matching:
+                        lh = head_matching_loss(self.hooks_s.out, self.hooks_t.out)
+                        loss = loss + self.head_weight * lh
+                        parts["head"] = lh.detach()
+                    if self.class_kd > 0:
+                        lc = class_kd_loss(self.hooks_s.out, self.hooks_t.out, self.class_kd_temperature)
+                        loss = loss + self.class_kd * lc
+                        parts["class_kd"] = lc.detach()
+                else:
+                    warnings.warn("head matching / class KD skipped: teacher and student heads differ in "
+                                  f"shape ({ {k: tuple(v.shape) for k, v in self.hooks_t.out.items()} } vs "
+                                  f"{ {k: tuple(v.shape) for k, v in self.hooks_s.out.items()} })")
+                    self.head_matching, self.class_kd = False, 0.0
+            parts["loss"] = engine.optimizer_step(loss)
+            taken += 1
+            for k, v in parts.items():
+                sums[k] = sums[k] + v.float() if k in sums else v.float()
+        n = max(1, taken)
+        return {**{f"kd/{k}": v / n for k, v in sums.items()},
+                "kd/pseudo_boxes_per_image": n_boxes / max(1, n * self.batch_size), **batch.stats}
+
+    def evaluate(self, engine: Engine) -> dict[str, float]:
+        if self.eval_fn is None:
+            return {}
+        self.student.eval()
+        return self.eval_fn(self.student)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"memory": self.memory.state_dict(), "rng": self.g.get_state(),
+                "source": self.source.state_dict() if hasattr(self.source, "state_dict") else None,
+                "synth_seconds": self.synth_seconds, "images_synthesized": self.synth_images}
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        self.memory.load_state_dict(st["memory"])
+        self.g.set_state(st["rng"])
+        if st.get("source") is not None and hasattr(self.source, "load_state_dict"):
+            self.source.load_state_dict(st["source"])
+        self.synth_seconds, self.synth_images = float(st["synth_seconds"]), int(st["images_synthesized"])
+
+
 def distill_detector(
     teacher,
     student: nn.Module,
@@ -298,31 +390,37 @@ def distill_detector(
     progress: bool = True,
     eval_fn: Optional[Callable[[nn.Module], dict]] = None,
     eval_every: int = 100,
+    eval_every_seconds: Optional[float] = None,
     log_fn: Optional[Callable[[dict], None]] = None,
+    metrics_path: Optional[str] = None,
     state: Optional[dict[str, Any]] = None,
     checkpoint_fn: Optional[Callable[[dict], None]] = None,
     checkpoint_every: int = 0,
 ) -> dict[str, Any]:
     """Distil ``student`` (a torchvision detector) from ``teacher`` (a ``DetectionTeacher``) on ``source``.
 
-    ``steps`` counts student optimizer steps; each round calls ``source.step()`` once (with the
-    student when ``source.uses_student``) and then takes ``kd_steps_per_round`` steps on batches
-    from the image memory (``memory_size`` images). ``augment``: ``True`` = flips and ±10 %
-    translation/scale (a :class:`BoxAugment`), or your own, or ``None``. AdamW with a cosine
-    schedule over ``steps`` (or over ``budget_seconds`` of wall time, whichever ends first).
-    ``class_kd > 0`` adds :func:`class_kd_loss` (the teacher's class distribution on its objects,
-    at ``class_kd_temperature``) with that weight; like ``head_matching`` it needs heads of the same
+    A :class:`DetectionDistillation` task on the one engine (:mod:`dfkd.engine`). ``steps`` counts
+    student optimizer steps; each round calls ``source.step()`` once (with the student when
+    ``source.uses_student``) and then takes ``kd_steps_per_round`` steps on batches from the image
+    memory (``memory_size`` images). ``augment``: ``True`` = flips and ±10 % translation/scale (a
+    :class:`BoxAugment`), or your own, or ``None``. AdamW with a cosine schedule over ``steps`` (or
+    over ``budget_seconds`` of wall time, whichever ends first). ``class_kd > 0`` adds
+    :func:`class_kd_loss` (the teacher's class distribution on its objects, at
+    ``class_kd_temperature``) with that weight; like ``head_matching`` it needs heads of the same
     geometry and is skipped with a warning otherwise.
-    ``eval_fn(student) -> {metric: value}`` runs every ``eval_every`` steps and at the end.
+    ``eval_fn(student) -> {metric: value}`` runs at the end of the round in which the step count
+    passes a multiple of ``eval_every`` (or ``eval_every_seconds`` after the last), and at the end;
+    its metrics join that round's record as ``test/<name>``.
 
-    Resuming: ``checkpoint_fn(run_state)`` is called every ``checkpoint_every`` rounds (and when
-    the run ends or is interrupted) with the whole run — student, optimizer, image memory, random
-    generators, the source's ``state_dict()`` when it has one, counters, history and the wall time
-    spent; pass that dict back as ``state=`` (same settings) and the run continues where it was.
+    Resuming: ``checkpoint_fn(run_state)`` is called every ``checkpoint_every`` rounds, at the end
+    and on Ctrl-C with the whole run (the engine's state: student, optimizer, image memory, random
+    generators, the source's ``state_dict()``, counters, history, wall time); pass it back as
+    ``state=`` (same settings) and the run continues where it was. Round records go to ``log_fn``
+    and to ``metrics_path`` (rewritten from the saved history on resume).
 
-    Returns ``{"history": [...], "evals": [...], "steps", "rounds", "wall", "images_synthesized",
-    "synth_seconds", "head_matching", "class_kd"}``; ``evals`` holds ``{"step", "wall", **metrics}``
-    (time to accuracy).
+    Returns ``{"history", "evals", "steps", "rounds", "wall", "images_synthesized", "synth_seconds",
+    "head_matching", "class_kd"}``; ``evals`` holds ``{"round", "step", "wall", **metrics}`` (time to
+    accuracy).
     """
     device = torch.device(device)
     student.to(device)
@@ -336,141 +434,16 @@ def distill_detector(
     if (head_matching or class_kd > 0) and not (hasattr(teacher.model, "head") and hasattr(student, "head")):
         warnings.warn("head matching and class KD need torchvision detectors with a .head; skipped")
         head_matching, class_kd = False, 0.0
-    history: list[dict] = []
-    evals: list[dict] = []
-    synth_seconds, synth_images, step, rounds, spent = 0.0, 0, 0, 0, 0.0
-    if state is not None:
-        student.load_state_dict(state["student"])
-        opt.load_state_dict(state["optimizer"])
-        memory.load_state_dict(state["memory"])
-        g.set_state(state["rng"])
-        if state.get("source") is not None and hasattr(source, "load_state_dict"):
-            source.load_state_dict(state["source"])
-        history, evals = list(state["history"]), list(state["evals"])
-        synth_seconds, synth_images = float(state["synth_seconds"]), int(state["images_synthesized"])
-        step, rounds, spent = int(state["step"]), int(state["rounds"]), float(state["wall"])
-    start = time.perf_counter() - spent  # wall time counts across resumes
-
-    def run_state() -> dict[str, Any]:
-        return {"student": student.state_dict(), "optimizer": opt.state_dict(), "memory": memory.state_dict(),
-                "rng": g.get_state(),
-                "source": source.state_dict() if hasattr(source, "state_dict") else None,
-                "history": history, "evals": evals, "synth_seconds": synth_seconds,
-                "images_synthesized": synth_images, "step": step, "rounds": rounds,
-                "wall": time.perf_counter() - start}
-
-    def run_eval() -> None:
-        if eval_fn is None:
-            return
-        flags = [p.requires_grad for p in student.parameters()]
-        with kept_modes(student), torch.no_grad():
-            student.eval()
-            metrics = eval_fn(student)
-        for p, f in zip(student.parameters(), flags):  # e.g. an eval_fn that wraps it in a DetectionTeacher
-            p.requires_grad_(f)
-        evals.append({"step": step, "wall": round(time.perf_counter() - start, 3), **metrics})
-        if log_fn is not None and metrics:
-            log_fn({"step": step, **{f"test/{k}": v for k, v in metrics.items()}})
-
-    bar = hooks_t = hooks_s = None
-    try:  # hooks removed and the modules' modes restored on every exit path
-        with kept_modes(student, teacher):
-            if head_matching or class_kd > 0:
-                hooks_t, hooks_s = _HeadOutputs(teacher.model), _HeadOutputs(student)
-            if progress:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=steps, initial=min(step, steps), desc="distill detector", unit="step",
-                           dynamic_ncols=True)
-            while step < steps:
-                wall = time.perf_counter() - start
-                if budget_seconds is not None and wall >= budget_seconds:
-                    break
-                t0 = time.perf_counter()
-                batch = source.step(student if getattr(source, "uses_student", False) else None)
-                synth_seconds += time.perf_counter() - t0
-                synth_images += len(batch.images)
-                memory.add(batch.images)
-                student.train()
-                sums: dict[str, torch.Tensor] = {}  # on the device: synced once per round (the log interval)
-                n_boxes = taken = 0
-                for _ in range(kd_steps_per_round):
-                    if step >= steps:
-                        break
-                    progress_frac = step / max(1, steps)
-                    if budget_seconds:
-                        progress_frac = max(progress_frac, (time.perf_counter() - start) / budget_seconds)
-                    for grp in opt.param_groups:
-                        grp["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(progress_frac, 1.0)))
-                    x = memory.sample(batch_size, g)
-                    if augment is not None:
-                        with torch.no_grad():
-                            x, _ = augment(x, None, generator=g)
-                        x = x.clamp(0, 1)
-                    dets = teacher.detect(x, score_thresh) if hasattr(teacher, "detect") else teacher(x)
-                    targets = pseudo_targets(dets, score_thresh)
-                    n_boxes += sum(len(t["boxes"]) for t in targets)
-                    losses = student(list(x.unbind(0)), targets)
-                    loss = sum(losses.values())
-                    parts = {k: v.detach() for k, v in losses.items()}
-                    if head_matching or class_kd > 0:
-                        if _same_geometry(hooks_s.out, hooks_t.out):
-                            if head_matching:
-                                lh = head_matching_loss(hooks_s.out, hooks_t.out)
-                                loss = loss + head_weight * lh
-                                parts["head"] = lh.detach()
-                            if class_kd > 0:
-                                lc = class_kd_loss(hooks_s.out, hooks_t.out, class_kd_temperature)
-                                loss = loss + class_kd * lc
-                                parts["class_kd"] = lc.detach()
-                        else:
-                            warnings.warn("head matching / class KD skipped: teacher and student heads differ in "
-                                          f"shape ({ {k: tuple(v.shape) for k, v in hooks_t.out.items()} } vs "
-                                          f"{ {k: tuple(v.shape) for k, v in hooks_s.out.items()} })")
-                            head_matching, class_kd = False, 0.0
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
-                    opt.step()
-                    step += 1
-                    taken += 1
-                    parts["loss"] = loss.detach()
-                    for k, v in parts.items():
-                        sums[k] = sums[k] + v.float() if k in sums else v.float()
-                    if bar is not None:
-                        bar.update(1)
-                    if eval_every and step % eval_every == 0 and step < steps:
-                        run_eval()
-                rounds += 1
-                n = max(1, taken)
-                means = dict(zip(sums, (torch.stack(list(sums.values())) / n).tolist())) if sums else {}
-                record = {"round": rounds, "step": step, "wall": round(time.perf_counter() - start, 3),
-                          "lr": opt.param_groups[0]["lr"], **{f"kd/{k}": v for k, v in means.items()},
-                          "kd/pseudo_boxes_per_image": n_boxes / max(1, n * batch_size), **batch.stats}
-                history.append(record)
-                if log_fn is not None:
-                    log_fn(record)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{record.get('kd/loss', 0.0):.3f}")
-                if checkpoint_fn is not None and checkpoint_every and rounds % checkpoint_every == 0:
-                    checkpoint_fn(run_state())
-    except KeyboardInterrupt:
-        if checkpoint_fn is not None:  # keep what the interrupted round finished
-            checkpoint_fn(run_state())
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-        for h in (hooks_t, hooks_s):
-            if h is not None:
-                h.remove()
-    if not evals or evals[-1]["step"] != step:
-        run_eval()
-    if checkpoint_fn is not None:
-        checkpoint_fn(run_state())
+    task = DetectionDistillation(teacher, student, source, memory, augment, g, batch_size, kd_steps_per_round,
+                                 score_thresh, head_matching, head_weight, class_kd, class_kd_temperature, eval_fn)
+    engine = Engine(student, opt, Schedule(lr, int(steps), "step", 0.0, "cosine", budget_seconds), device=device,
+                    grad_clip=grad_clip, checkpoint_every=checkpoint_every, save_fn=checkpoint_fn,
+                    eval_every=eval_every if eval_fn is not None else 0,
+                    eval_every_seconds=eval_every_seconds if eval_fn is not None else None,
+                    metrics_path=metrics_path, progress="distill detector" if progress else None, on_record=log_fn)
+    out = engine.run(task, state)
     student.eval()
-    return {"history": history, "evals": evals, "steps": step, "rounds": rounds,
-            "wall": round(time.perf_counter() - start, 3), "images_synthesized": synth_images,
-            "synth_seconds": round(synth_seconds, 3), "head_matching": bool(head_matching),
-            "class_kd": class_kd}
+    return {"history": engine.history, "evals": engine.evals, "steps": out["steps"], "rounds": out["rounds"],
+            "wall": round(out["wall_seconds"], 3), "images_synthesized": task.synth_images,
+            "synth_seconds": round(task.synth_seconds, 3), "head_matching": bool(task.head_matching),
+            "class_kd": task.class_kd}
