@@ -211,7 +211,9 @@ def train_diffusion(
     ema.requires_grad_(False)
     sched = DDPMScheduler(num_train_timesteps=int(train_timesteps), beta_schedule=beta_schedule,
                           prediction_type="epsilon", clip_sample=False)
-    opt = torch.optim.AdamW(unet.parameters(), lr=float(lr), weight_decay=0.0)
+    from dfkd.optim import build_optimizer
+
+    opt = build_optimizer(unet, "adamw", lr=float(lr), weight_decay=0.0)
     task = DiffusionTraining(unet, ema, images, labels.long(), sched.alphas_cumprod.to(device), int(num_classes),
                              int(batch_size), bool(flip), float(p_uncond), int(train_timesteps), float(ema_decay),
                              int(steps), int(checkpoint_every or 0), int(seed), device)

@@ -318,9 +318,10 @@ def similarity_entropy(tokens: torch.Tensor, grid: int = 64, bandwidth: Optional
     hist = hist.scatter_add(1, k, 1.0 - f).scatter_add(1, k + 1, f) / s.shape[1]  # (B, G)
     with torch.no_grad():  # per-image Gaussian on grid lags, cut at 4 bandwidths (weight < 4e-4 beyond)
         step = 2.0 / (grid - 1)
-        reach = int(min(grid - 1, math.ceil(4.0 * float(h.max()) / step)))
+        reach = grid - 1  # the widest kernel; the cut is a mask on the device (no host sync per call)
         lag = torch.arange(-reach, reach + 1, device=tokens.device, dtype=s.dtype)
-        kern = torch.exp(-0.5 * (lag[None, :] * step / h) ** 2)  # (B, 2·reach + 1)
+        cut = torch.ceil(4.0 * h.max() / step)
+        kern = torch.exp(-0.5 * (lag[None, :] * step / h) ** 2) * (lag.abs() <= cut)[None, :]  # (B, 2·reach + 1)
     dens = F.conv1d(hist[None], kern[:, None], padding=reach, groups=b)[0]  # (B, G): each image its own kernel
     p = dens / dens.sum(dim=1, keepdim=True).clamp_min(1e-12)
     return -(p * torch.log(p.clamp_min(1e-12))).sum(dim=1)

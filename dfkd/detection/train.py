@@ -23,6 +23,7 @@ from torch import nn
 
 from dfkd.detection.boxes import BoxAugment, hflip
 from dfkd.engine import Engine, Schedule, Task
+from dfkd.optim import build_optimizer
 from dfkd.errors import DfkdError
 
 
@@ -42,14 +43,6 @@ def _loader(data, batch_size: int, seed: int) -> Iterable:
     g = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, collate_fn=collate,
                                        generator=g, drop_last=len(data) > batch_size)
-
-
-def _optimizer(params, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
-    raise DfkdError(f"unknown optimizer {name!r}; choose adamw or sgd")
 
 
 def _augment_batch(images: list[torch.Tensor], targets: list[dict], augment, g: torch.Generator):
@@ -153,7 +146,7 @@ def train_detector(
         except TypeError:
             raise DfkdError("train_detector: give steps= for a loader without a length") from None
     steps = int(steps)
-    opt = _optimizer([p for p in model.parameters() if p.requires_grad], optimizer, lr, weight_decay)
+    opt = build_optimizer(model, optimizer, lr=lr, weight_decay=weight_decay)  # no decay on norms/biases
     g = torch.Generator().manual_seed(seed + 1)
 
     def on_record(record: dict) -> None:
@@ -427,7 +420,7 @@ def distill_detector(
     teacher.to(device)
     if augment is True:
         augment = BoxAugment(flip=True, jitter=0.1, scale=0.1)
-    opt = _optimizer([p for p in student.parameters() if p.requires_grad], "adamw", lr, weight_decay)
+    opt = build_optimizer(student, "adamw", lr=lr, weight_decay=weight_decay)
     memory = ImageMemory(memory_size, device)
     g = torch.Generator().manual_seed(int(seed) + 17)
     class_kd = float(class_kd)
