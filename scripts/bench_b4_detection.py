@@ -158,12 +158,11 @@ def main(argv=None) -> None:
     from dfkd.bench import plot_curves, redact_paths
     from dfkd.data.detection import build_canvas_benchmark, load_detection
     from dfkd.detection.boxes import BoxAugment
-    from dfkd.detection.models import DetectionTeacher, build_detector, load_detector, save_detector
-    from dfkd.detection.train import distill_detector, train_detector
+    from dfkd.detection.models import build_detector, load_detector, save_detector
+    from dfkd.detection.train import train_detector
     from dfkd.eval.detection import evaluate_detector
     from dfkd.models.checkpoint import atomic_write_bytes, atomic_write_json
     from dfkd.pipeline import hardware
-    from generators.box_inversion import BoxInversion, BoxNoise, BoxReal
 
     started = time.perf_counter()
     device = torch.device(args.device)
@@ -223,7 +222,6 @@ def main(argv=None) -> None:
         save_detector(model, tpath)
         tpath.with_name(tpath.stem + ".settings.json").write_text(json.dumps(teacher_cfg, indent=1))
     model.to(device).eval()
-    teacher = DetectionTeacher(model)
 
     def score(detector, max_images=None) -> dict:
         old = detector.score_thresh
@@ -246,7 +244,7 @@ def main(argv=None) -> None:
               "training did not converge (try --teacher-warmup 300, more --teacher-steps or a lower --teacher-lr)",
               file=sys.stderr, flush=True)
 
-    # 3. students
+    # 3. students: each method is one `dfkd-distill task=detection` run (dfkd.detection.run.run_detection)
     box_size = tuple(args.box_size) if args.box_size else (obj_px[0] / size, obj_px[1] / size)
     inv_kwargs = dict(batch_size=args.inv_batch, iterations=args.inv_iterations, lr=args.inv_lr, det=args.inv_det,
                       bn=args.inv_bn, first_bn_multiplier=args.inv_first_bn, tv=args.inv_tv, l2=args.inv_l2,
@@ -262,66 +260,69 @@ def main(argv=None) -> None:
                           class_kd=args.class_kd, class_kd_temperature=args.class_kd_temperature,
                           memory_size=args.memory_size)
 
-    def make_source(method: str, seed: int):
-        if method == "box_noise":
-            return BoxNoise(teacher, batch_size=args.source_batch, seed=seed, device=device,
-                            score_thresh=args.score_thresh)
+    def _v(v) -> str:
+        if v is None:
+            return "null"
+        if isinstance(v, (tuple, list)):
+            return "[" + ",".join(_v(x) for x in v) + "]"
+        return str(v).lower() if isinstance(v, bool) else str(v)
+
+    def overrides(method: str, seed: int) -> list[str]:
+        ov = ["teacher=detector", f"teacher.checkpoint={tpath}", "data=coco", f"data.path={paths['test']}",
+              f"seed={seed}", "progress=false", "resume=false", f"threads={args.threads}", f"device={args.device}",
+              f"detection.steps={10 ** 9}", f"detection.budget_minutes={args.budget_minutes}",
+              f"detection.kd_steps={args.inv_kd_steps_per_round if method == 'box_inversion' else args.kd_steps_per_round}",
+              f"detection.student_backbone={args.student_backbone}", f"detection.student_width={args.student_width}",
+              f"detection.student_fpn={args.student_fpn}", f"detection.student_head_convs={args.student_head_convs}",
+              f"detection.flip={_v(flip)}", "detection.jitter=0.1", "detection.scale=0.1",
+              f"detection.eval_every_seconds={args.eval_every_seconds}", f"detection.eval_images={args.eval_images}",
+              f"detection.eval_score_thresh={args.eval_score_thresh}", "detection.score_teacher=false",
+              *[f"detection.{k}={_v(v)}" for k, v in distill_kwargs.items()]]
         if method == "box_inversion":
-            return BoxInversion(teacher, seed=seed, device=device, **inv_kwargs)
-        return BoxReal(teacher, dataset=train_ds, batch_size=args.source_batch, seed=seed, device=device)
+            ov += ["synthesizer=box_inversion", *[f"synthesizer.{k}={_v(v)}" for k, v in inv_kwargs.items()]]
+        elif method == "box_noise":
+            ov += ["synthesizer=box_noise", f"synthesizer.batch_size={args.source_batch}",
+                   f"synthesizer.score_thresh={args.score_thresh}"]
+        else:
+            ov += ["synthesizer=box_real", f"synthesizer.batch_size={args.source_batch}",
+                   f"detection.train_path={paths['train']}"]
+        return ov
+
+    from dfkd.bench import compose
+    from dfkd.detection.run import run_detection
 
     budget = 60.0 * args.budget_minutes
     runs = []
     student_params = None
     for method in args.methods:
         for seed in args.seeds:
-            torch.manual_seed(seed)
-            student = build_detector("fcos", args.student_backbone, num_classes=num_classes, image_size=size,
-                                     in_chans=channels, mean=mean, std=std,
-                                     **student_kwargs)
-            student_params = sum(p.numel() for p in student.parameters())
-            source = make_source(method, seed)
-            last = {"t": -float("inf")}
-
-            def eval_fn(s, last=last):
-                # time-gated, so every method spends about the same share of its budget on evaluation
-                now = time.perf_counter()
-                if now - last["t"] < args.eval_every_seconds:
-                    return {}
-                last["t"] = now
-                r = score(s, args.eval_images)
-                return {"map": r["map"], "map50": r["map50"], "eval_seconds": round(time.perf_counter() - now, 3)}
-
-            out = distill_detector(teacher, student, source, steps=10 ** 9, budget_seconds=budget, device=device,
-                                   seed=seed, progress=False, eval_fn=eval_fn, eval_every=5,
-                                   kd_steps_per_round=(args.inv_kd_steps_per_round if method == "box_inversion"
-                                                       else args.kd_steps_per_round),
-                                   augment=BoxAugment(flip=flip, jitter=0.1, scale=0.1), **distill_kwargs)
-            t0 = time.perf_counter()
-            final = score(student)
-            final_eval_seconds = time.perf_counter() - t0
-            curve = [e for e in out["evals"] if "map" in e]
-            syn_keys = sorted({k for h in out["history"] for k in h if k.startswith(("syn/", "kd/"))})
-            tail = out["history"][-max(1, len(out["history"]) // 4):]
+            ov = overrides(method, seed)
+            run_dir = work / "runs" / f"{name}_{method}_seed{seed}"
+            out = run_detection(compose("distill", ov), run_dir)
+            student_params = out["student_params"]
+            history = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+            syn_keys = sorted({k for h in history for k in h if k.startswith(("syn/", "kd/"))})
+            tail = history[-max(1, len(history) // 4):]
             run = {
                 "method": method, "kind": KIND[method], "seed": seed,
-                "map": final["map"], "map50": final["map50"], "map75": final["map75"],
-                "per_class_ap": final["per_class"], "num_detections": final["num_detections"],
-                "distill_seconds": out["wall"], "steps": out["steps"], "rounds": out["rounds"],
+                "command": "dfkd-distill " + " ".join(shlex.quote(o) for o in ov),
+                "map": out["student_map"], "map50": out["student_map50"], "map75": out["student_map75"],
+                "per_class_ap": out["per_class_ap"], "num_detections": out["num_detections"],
+                "distill_seconds": out["distill_seconds"], "steps": out["steps"], "rounds": out["rounds"],
                 "images_synthesized": out["images_synthesized"], "synth_seconds": out["synth_seconds"],
-                "synth_images_per_second": (out["images_synthesized"] / out["synth_seconds"]
-                                            if out["synth_seconds"] > 0 else None),
-                "eval_seconds_in_budget": round(sum(e.get("eval_seconds", 0.0) for e in curve), 3),
-                "final_eval_seconds": round(final_eval_seconds, 3),
+                "synth_images_per_second": out["synth_images_per_second"],
+                "eval_seconds_in_budget": out["eval_seconds_in_budget"],
+                "final_eval_seconds": out["final_eval_seconds"],
                 "head_matching": out["head_matching"], "class_kd": out["class_kd"],
-                "time_to_map": [[e["wall"], e["step"], e["map"], e["map50"]] for e in curve]
-                + [[out["wall"], out["steps"], final["map"], final["map50"]]],
+                "time_to_map": out["time_to_map"] + [[out["distill_seconds"], out["steps"], out["student_map"],
+                                                      out["student_map50"]]],
                 "last_quarter_means": {k: statistics.mean(h[k] for h in tail if k in h) for k in syn_keys
                                        if any(k in h for h in tail)},
             }
             runs.append(run)
-            print(f"{method:>14} seed {seed}: mAP {final['map']:.4f} mAP@.5 {final['map50']:.4f} "
-                  f"({out['steps']} steps, {out['images_synthesized']} images, {out['wall']:.0f} s)", flush=True)
+            print(f"{method:>14} seed {seed}: mAP {run['map']:.4f} mAP@.5 {run['map50']:.4f} "
+                  f"({run['steps']} steps, {run['images_synthesized']} images, {run['distill_seconds']:.0f} s)",
+                  flush=True)
 
     # 4. table
     rows = []
