@@ -25,7 +25,6 @@ Writes ``results/b4_detection_<source>.{json,md}`` (+ a time-to-mAP png when mat
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shlex
 import statistics
@@ -48,10 +47,6 @@ SOURCE_DEFAULTS = {
                 "test_canvases": 1000, "channels": 3, "flip": True, "mean": (0.485, 0.456, 0.406),
                 "std": (0.229, 0.224, 0.225)},
 }
-
-
-def _key(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -156,10 +151,7 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(args.threads)
     from dfkd.bench import plot_curves, redact_paths
-    from dfkd.data.detection import build_canvas_benchmark, load_detection
-    from dfkd.detection.boxes import BoxAugment
-    from dfkd.detection.models import build_detector, load_detector, save_detector
-    from dfkd.detection.train import train_detector
+    from dfkd.detection.bench import canvas_teacher, side_by_side
     from dfkd.eval.detection import evaluate_detector
     from dfkd.models.checkpoint import atomic_write_bytes, atomic_write_json
     from dfkd.pipeline import hardware
@@ -178,50 +170,19 @@ def main(argv=None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     name = args.name or f"b4_detection_{args.source}"
 
-    # 1. canvases
-    t0 = time.perf_counter()
-    paths = build_canvas_benchmark(args.source, work / f"canvases_{_key(canvas_cfg)}", root=args.root,
-                                   train_canvases=canvas_cfg["train"], test_canvases=canvas_cfg["test"],
-                                   canvas_size=size, seed=canvas_cfg["seed"], object_pixels=obj_px,
-                                   objects=objects, background=args.background)
-    train_ds, test_ds = load_detection(paths["train"], cache=True), load_detection(paths["test"], cache=True)
+    # 1.-2. canvases and the teacher, cached by their settings (dfkd.detection.bench.canvas_teacher)
     channels = int(args.channels or d["channels"])
     flip = d["flip"] if args.flip is None else bool(args.flip)
     mean, std = (d["mean"], d["std"]) if channels == len(d["mean"]) else ((0.45,) * channels, (0.25,) * channels)
-    if channels == 1:  # gray canvases: keep one of the (equal) RGB channels
-        for ds in (train_ds, test_ds):
-            ds.transform = lambda image, target: (image.mean(0, keepdim=True), target)
-    canvas_seconds = time.perf_counter() - t0
-    num_classes = train_ds.num_classes
+    prep = canvas_teacher(work, canvas_cfg, dict(
+        width=args.teacher_width, fpn_channels=args.teacher_fpn, head_convs=args.teacher_head_convs,
+        steps=args.teacher_steps, lr=args.teacher_lr, batch=args.teacher_batch, channels=channels,
+        mean=list(mean), std=list(std), flip=flip, warmup=args.teacher_warmup), root=args.root, device=device)
+    paths, train_ds, test_ds, model = prep["paths"], prep["train"], prep["test"], prep["model"]
+    tpath, cached, teacher_seconds, canvas_seconds = (prep["checkpoint"], prep["cached"], prep["train_seconds"],
+                                                      prep["canvas_seconds"])
     print(f"canvases: {len(train_ds)} train ({train_ds.num_boxes} boxes), {len(test_ds)} test "
           f"({test_ds.num_boxes} boxes), {size} px, {canvas_seconds:.1f} s", flush=True)
-
-    # 2. teacher (cached by its settings)
-    teacher_cfg = {"canvases": canvas_cfg, "arch": "fcos", "backbone": "small_cnn", "width": args.teacher_width,
-                   "fpn_channels": args.teacher_fpn, "head_convs": args.teacher_head_convs,
-                   "steps": args.teacher_steps, "lr": args.teacher_lr, "batch": args.teacher_batch,
-                   "channels": channels, "mean": list(mean), "std": list(std), "flip": flip,
-                   "augment": {"jitter": 0.1, "scale": 0.1}, "format": 2}
-    if args.teacher_warmup != 50:  # keyed only when set, so teachers cached before the option stay valid
-        teacher_cfg["warmup"] = args.teacher_warmup
-    tpath = work / f"teacher_{_key(teacher_cfg)}.safetensors"
-    teacher_seconds, cached = 0.0, tpath.is_file()
-    if cached:
-        model = load_detector(tpath)
-    else:
-        torch.manual_seed(canvas_cfg["seed"])
-        model = build_detector("fcos", "small_cnn", num_classes=num_classes, image_size=size, in_chans=channels,
-                               mean=mean, std=std,
-                               width=args.teacher_width, fpn_channels=args.teacher_fpn,
-                               head_convs=args.teacher_head_convs)
-        t0 = time.perf_counter()
-        train_detector(model, train_ds, steps=args.teacher_steps, lr=args.teacher_lr, warmup=args.teacher_warmup,
-                       batch_size=args.teacher_batch, device=device, seed=canvas_cfg["seed"], progress=False,
-                       augment=BoxAugment(flip=flip, jitter=0.1, scale=0.1))
-        teacher_seconds = time.perf_counter() - t0
-        save_detector(model, tpath)
-        tpath.with_name(tpath.stem + ".settings.json").write_text(json.dumps(teacher_cfg, indent=1))
-    model.to(device).eval()
 
     def score(detector, max_images=None) -> dict:
         old = detector.score_thresh
@@ -325,34 +286,9 @@ def main(argv=None) -> None:
                   flush=True)
 
     # 4. table
-    rows = []
-    for method in dict.fromkeys(r["method"] for r in runs):
-        rs = [r for r in runs if r["method"] == method]
-
-        def mean(k, rs=rs):
-            vals = [r[k] for r in rs if r[k] is not None]
-            return statistics.mean(vals) if vals else None
-
-        rows.append({"method": method, "kind": KIND[method], "map": mean("map"), "map50": mean("map50"),
-                     "map50_std": statistics.pstdev([r["map50"] for r in rs]) if len(rs) > 1 else None,
-                     "map50_per_seed": [r["map50"] for r in rs], "distill_seconds": mean("distill_seconds"),
-                     "images_synthesized": mean("images_synthesized"),
-                     "synth_images_per_second": mean("synth_images_per_second"), "steps": mean("steps"),
-                     "per_class_ap": {c: statistics.mean(r["per_class_ap"][c] for r in rs)
-                                      for c in rs[0]["per_class_ap"]}})
-    ceiling = next((r["map50"] for r in rows if r["method"] == "real"), None)
-    for r in rows:
-        r["ratio_to_ceiling_map50"] = r["map50"] / ceiling if ceiling else None
-    df = next((r for r in rows if r["method"] == "box_inversion"), None)
-    met = None if df is None or df["ratio_to_ceiling_map50"] is None else df["ratio_to_ceiling_map50"] >= TARGET
-    # the same ratio per student seed (box_inversion against the ceiling trained from the same seed)
-    per_seed = {}
-    for r in runs:
-        if r["method"] == "box_inversion":
-            c = next((q for q in runs if q["method"] == "real" and q["seed"] == r["seed"]), None)
-            if c is not None and c["map50"] > 0:
-                per_seed[r["seed"]] = r["map50"] / c["map50"]
-    met_every_seed = (all(v >= TARGET for v in per_seed.values()) if per_seed else None)
+    table = side_by_side(runs, KIND, TARGET)
+    rows, df, met, per_seed = table["rows"], table["data_free"], table["target_met"], table["per_seed"]
+    met_every_seed = table["target_met_every_seed"]
 
     wall = time.perf_counter() - started
     cmd = " ".join(shlex.quote(a) for a in ["python", *(sys.argv if argv is None else [sys.argv[0], *argv])])
@@ -364,8 +300,7 @@ def main(argv=None) -> None:
                      "build_seconds": round(canvas_seconds, 1)},
         "teacher": {"map": teacher_map["map"], "map50": teacher_map["map50"], "map75": teacher_map["map75"],
                     "per_class_ap": teacher_map["per_class"], "params": teacher_params,
-                    "train_seconds": round(teacher_seconds, 1), "cached": cached,
-                    "settings": {k: v for k, v in teacher_cfg.items() if k != "canvases"}},
+                    "train_seconds": round(teacher_seconds, 1), "cached": cached, "settings": prep["settings"]},
         "student": {"backbone": args.student_backbone, **student_kwargs, "params": student_params},
         "inversion": {k: (list(v) if isinstance(v, tuple) else v) for k, v in inv_kwargs.items()},
         "distill": {**distill_kwargs, "budget_seconds": budget, "kd_steps_per_round": args.kd_steps_per_round,
