@@ -89,29 +89,18 @@ def test_key_name_variants():
 def test_one_line_errors():
     torch.manual_seed(0)
     st = MHAViT(img_size=8, patch=2, dim=16, depth=2, heads=2, num_classes=5).state_dict()
-    with pytest.raises(DfkdError, match="num_heads"):
-        convert_mha_vit(st)
-    with pytest.raises(DfkdError, match="does not divide"):
-        convert_mha_vit(st, num_heads=3)
-    with pytest.raises(DfkdError, match="post-norm"):
-        convert_mha_vit(st, num_heads=2, norm_first=False)
-    with pytest.raises(DfkdError, match="in_proj_weight"):
-        convert_mha_vit(build_model("resnet20_cifar").state_dict(), num_heads=2)
-    bad = dict(st)
-    bad["extra.weight"] = torch.zeros(7, 7)
-    with pytest.raises(DfkdError, match="extra"):
-        convert_mha_vit(bad, num_heads=2)
-    bad = {k: v for k, v in st.items() if k != "transformer_layers.1.norm2.weight"}
-    with pytest.raises(DfkdError, match="block 1"):
-        convert_mha_vit(bad, num_heads=2)
-    bad = {k: v for k, v in st.items() if k != "cls_token"}
-    with pytest.raises(DfkdError, match="class-token"):
-        convert_mha_vit(bad, num_heads=2)
-    for e in (DfkdError,):
-        try:
-            convert_mha_vit(st)
-        except e as err:
-            assert "\n" not in str(err)
+    bad_extra = {**st, "extra.weight": torch.zeros(7, 7)}
+    no_norm = {k: v for k, v in st.items() if k != "transformer_layers.1.norm2.weight"}
+    no_cls = {k: v for k, v in st.items() if k != "cls_token"}
+    cases = [((st,), {}, "num_heads"), ((st,), {"num_heads": 3}, "does not divide"),
+             ((st,), {"num_heads": 2, "norm_first": False}, "post-norm"),
+             ((build_model("resnet20_cifar").state_dict(),), {"num_heads": 2}, "in_proj_weight"),
+             ((bad_extra,), {"num_heads": 2}, "extra"), ((no_norm,), {"num_heads": 2}, "block 1"),
+             ((no_cls,), {"num_heads": 2}, "class-token")]
+    for args, kw, needle in cases:
+        with pytest.raises(DfkdError, match=needle) as e:
+            convert_mha_vit(*args, **kw)
+        assert "\n" not in str(e.value), (needle, str(e.value))  # one line, every one of them
 
 
 def test_command_line_writes_weights_and_build_json(tmp_path, capsys):
@@ -138,6 +127,8 @@ def test_command_line_writes_weights_and_build_json(tmp_path, capsys):
     assert err.startswith("error:") and "--mean" in err and "\n" not in err
     assert main([str(tmp_path / "missing.pth"), str(out), "--num-heads", "2", "--mean", "0", "0", "0",
                  "--std", "1", "1", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "not found" in err and "missing.pth" in err and "\n" not in err, err
 
 
 # -- the shared third-party checkpoint ---------------------------------------------------------
