@@ -306,12 +306,16 @@ def test_box_inversion_adi_pushes_towards_disagreement(trained):
     assert torch.equal(bn.running_mean, before)  # the student's statistics stay as they were
 
     def disagreement(x):
+        """Mean Jensen-Shannon divergence between the teacher's and the student's class distributions
+        over every head location, written out here (not the synthesizer's own weighted term)."""
         from dfkd.detection.models import head_outputs
 
         with torch.no_grad():
-            return float(BoxInversion._competition(head_outputs(trained, x), head_outputs(student, x)))
+            p, q = (head_outputs(m, x)["cls_logits"].float().softmax(-1) for m in (trained, student))
+            m = (p + q) / 2
+            return float((0.5 * (p * (p / m).log() + q * (q / m).log()).sum(-1)).mean())
 
-    assert disagreement(xa) > disagreement(xp)
+    assert disagreement(xa) > disagreement(xp) + 0.002  # measured: 0.0322 -> 0.0363
     other = tiny_detector("resnet8_cifar", seed=2)
     with pytest.raises(DfkdError, match="one geometry"):
         adi.step(other)
