@@ -386,6 +386,7 @@ def distill_detector(
     eval_every_seconds: Optional[float] = None,
     log_fn: Optional[Callable[[dict], None]] = None,
     metrics_path: Optional[str] = None,
+    tensorboard_dir: Optional[str] = None,
     state: Optional[dict[str, Any]] = None,
     checkpoint_fn: Optional[Callable[[dict], None]] = None,
     checkpoint_every: int = 0,
@@ -409,7 +410,7 @@ def distill_detector(
     and on Ctrl-C with the whole run (the engine's state: student, optimizer, image memory, random
     generators, the source's ``state_dict()``, counters, history, wall time); pass it back as
     ``state=`` (same settings) and the run continues where it was. Round records go to ``log_fn``
-    and to ``metrics_path`` (rewritten from the saved history on resume).
+    to ``metrics_path`` (rewritten from the saved history on resume) and TensorBoard (``tensorboard_dir``).
 
     Returns ``{"history", "evals", "steps", "rounds", "wall", "images_synthesized", "synth_seconds",
     "head_matching", "class_kd"}``; ``evals`` holds ``{"round", "step", "wall", **metrics}`` (time to
@@ -433,7 +434,8 @@ def distill_detector(
                     grad_clip=grad_clip, checkpoint_every=checkpoint_every, save_fn=checkpoint_fn,
                     eval_every=eval_every if eval_fn is not None else 0,
                     eval_every_seconds=eval_every_seconds if eval_fn is not None else None,
-                    metrics_path=metrics_path, progress="distill detector" if progress else None, on_record=log_fn)
+                    metrics_path=metrics_path, tensorboard_dir=tensorboard_dir,
+                    progress="distill detector" if progress else None, on_record=log_fn)
     out = engine.run(task, state)
     student.eval()
     return {"history": engine.history, "evals": engine.evals, "steps": out["steps"], "rounds": out["rounds"],
