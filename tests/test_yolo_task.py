@@ -377,3 +377,22 @@ def test_shared_yolov5n_through_the_command(tmp_path):
     # the real teacher finds the objects of real images at 256 px through the command's evaluation
     assert s["teacher_map50"] > 0.4, s["teacher_map50"]
     assert 0.0 <= s["student_map50"] < s["teacher_map50"]
+
+
+def test_bench_b4_real_writes_its_results_without_machine_paths(files, tmp_path):
+    from conftest import load_script
+
+    bench = load_script("bench_b4_real")
+    out = tmp_path / "results"
+    rc = bench.main(["--weights", str(files["v5"]), "--data", str(files["data"]), "--image-size", str(SIZE),
+                     "--budget-minutes", "0.003", "--kd-batch", "2", "--source-batch", "2", "--inv-batch", "2",
+                     "--inv-iterations", "1", "--inv-kd-steps", "1", "--kd-steps", "1", "--score-thresh", "0.0",
+                     "--memory-size", "4", "--work", str(tmp_path / "work"), "--out", str(out), "--name", "b4"])
+    assert rc == 0
+    result = json.loads((out / "b4.json").read_text())
+    assert [r["method"] for r in result["rows"]] == ["box_noise", "box_inversion", "box_real"]
+    assert all(r["steps"] >= 1 and 0.0 <= r["map50"] <= 1.0 for r in result["rows"])
+    assert result["command"].startswith("python scripts/bench_b4_real.py") and "--work" not in result["command"]
+    text = (out / "b4.md").read_text()
+    assert "| box_inversion | data-free |" in text
+    assert str(tmp_path / "work") not in json.dumps(result) + text

@@ -1,0 +1,222 @@
+#!/usr/bin/env python
+"""B4-real: a real detector (the shared YOLOv5n) distilled data-free into a narrower YOLO, against its floor
+and ceiling, through ``dfkd-distill task=detection teacher=yolo`` (``dfkd.pipeline.run_distill``).
+
+Rows, the same student (the teacher's architecture at ``--width-multiple``), the same settings and the
+same wall-clock budget each (``detection.budget_minutes``):
+
+* ``box_noise`` — Gaussian images, the teacher's detections as targets (the floor, not data-free);
+* ``box_inversion`` — DIODE-style box-conditioned inversion against the teacher's loss and its
+  BatchNorm statistics (data-free);
+* ``box_real`` — the coco128 images themselves, letterboxed, ground truth ignored, the teacher's
+  pseudo-boxes as targets (the real-image KD ceiling; the images it trains on are the evaluation
+  images, so it is an optimistic ceiling).
+
+Every student is scored on coco128 (COCO mAP@[.5:.95] and mAP@.5, pycocotools, the classes with
+boxes), the teacher once, all at ``--image-size`` (letterboxed). Writes
+``<out>/<name>.{json,md}`` with the hardware, wall times, seed and the exact command.
+
+    DFKD_DATA=PATH python scripts/bench_b4_real.py                       # CPU, 256 px, ~13 min
+    DFKD_DATA=PATH python scripts/bench_b4_real.py --image-size 640 --device cuda --budget-minutes 20 \\
+        --name b4_real_gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+ROWS = ["box_noise", "box_inversion", "box_real"]
+KIND = {"box_noise": "floor (not data-free)", "box_inversion": "data-free",
+        "box_real": "ceiling (the evaluation images, teacher pseudo-boxes)"}
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    data = os.environ.get("DFKD_DATA")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = ap.add_argument
+    a("--weights", default=str(Path(data) / "teachers/yolov5n/yolov5n.pt") if data else None)
+    a("--data", default=str(Path(data) / "detection/coco128") if data else None)
+    a("--rows", nargs="+", choices=ROWS, default=ROWS)
+    a("--image-size", type=int, default=256)
+    a("--budget-minutes", type=float, default=3.5, help="wall-clock budget of each row's distillation")
+    a("--seed", type=int, default=0)
+    a("--threads", type=int, default=1)
+    a("--device", default="cpu")
+    a("--width-multiple", type=float, default=None, help="the student's (default: half the teacher's)")
+    a("--kd-batch", type=int, default=8)
+    a("--lr", type=float, default=5e-3)
+    a("--memory-size", type=int, default=256)
+    a("--score-thresh", type=float, default=0.3, help="teacher confidence for a pseudo-box")
+    a("--head-matching", action=argparse.BooleanOptionalAction, default=True)
+    a("--class-kd", type=float, default=2.0)
+    a("--source-batch", type=int, default=8, help="images per round of box_noise and box_real")
+    a("--kd-steps", type=int, default=4, help="student steps per round of box_noise and box_real")
+    a("--inv-batch", type=int, default=8)
+    a("--inv-iterations", type=int, default=30)
+    a("--inv-kd-steps", type=int, default=20, help="student steps per inversion batch")
+    a("--max-val-images", type=int, default=None)
+    a("--work", type=Path, default=None, help="run folders (default: a temporary folder)")
+    a("--out", type=Path, default=Path("results"))
+    a("--name", default="b4_real_cpu")
+    return ap.parse_args(argv)
+
+
+def overrides(args: argparse.Namespace, row: str, score_teacher: bool) -> list[str]:
+    common = [
+        "teacher=yolo", f"teacher.checkpoint={args.weights}", f"teacher.kwargs.image_size={args.image_size}",
+        "data=yolo", f"data.path={args.data}", f"seed={args.seed}", f"threads={args.threads}",
+        f"device={args.device}", "progress=false",
+        "detection.steps=10000000", f"detection.budget_minutes={args.budget_minutes}",
+        f"detection.batch_size={args.kd_batch}", f"detection.lr={args.lr}",
+        f"detection.memory_size={args.memory_size}", f"detection.score_thresh={args.score_thresh}",
+        f"detection.head_matching={str(args.head_matching).lower()}", f"detection.class_kd={args.class_kd}",
+        "detection.checkpoint_every=1000000", "detection.eval_batch_size=16",
+        f"detection.score_teacher={str(score_teacher).lower()}",
+    ]
+    if args.max_val_images:
+        common.append(f"detection.max_val_images={args.max_val_images}")
+    if args.width_multiple:
+        common.append(f"+detection.student_kwargs.width_multiple={args.width_multiple}")
+    if row == "box_inversion":
+        return [*common, "synthesizer=box_inversion", f"synthesizer.batch_size={args.inv_batch}",
+                f"synthesizer.iterations={args.inv_iterations}", f"detection.kd_steps={args.inv_kd_steps}"]
+    extra = [f"synthesizer.score_thresh={args.score_thresh}"] if row == "box_noise" else \
+        [f"detection.train_path={args.data}"]
+    return [*common, f"synthesizer={row}", f"synthesizer.batch_size={args.source_batch}",
+            f"detection.kd_steps={args.kd_steps}", *extra]
+
+
+def command() -> str:
+    """This run's command line as run from the repository root (the run folders' location left out)."""
+    argv, out, skip = sys.argv[1:], [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--work":
+            skip = True
+            continue
+        if not a.startswith("--work="):
+            out.append(a)
+    return " ".join(shlex.quote(a) for a in ["python", "scripts/bench_b4_real.py", *out])
+
+
+def run(args: argparse.Namespace) -> int:
+    import tempfile
+
+    import torch
+
+    from dfkd.bench import compose, write_report
+    from dfkd.errors import DfkdError
+    from dfkd.pipeline import hardware, run_distill
+
+    if not args.weights or not args.data:
+        raise DfkdError("give --weights and --data, or set DFKD_DATA to the shared data folder")
+    torch.set_num_threads(max(1, args.threads))
+    started, load_start = time.perf_counter(), os.getloadavg()
+    work = args.work or Path(tempfile.mkdtemp(prefix="b4_real_"))
+    rows: list[dict[str, Any]] = []
+    teacher: dict[str, Any] = {}
+    for i, row in enumerate(args.rows):
+        ov = overrides(args, row, score_teacher=i == 0)
+        t0 = time.perf_counter()
+        s = run_distill(compose("distill", ov), work / row)
+        wall = time.perf_counter() - t0
+        if i == 0:
+            teacher = {"map": s.get("teacher_map"), "map50": s.get("teacher_map50"), "map75": s.get("teacher_map75"),
+                       "params": s["teacher_params"]}
+            print(f"teacher     mAP {teacher['map']:.4f}  mAP@.5 {teacher['map50']:.4f}", flush=True)
+        last = s.get("time_to_map") or []
+        hist_boxes, losses = None, {}
+        metrics = work / row / "metrics.jsonl"
+        if metrics.is_file():
+            import json
+
+            recs = [json.loads(x) for x in metrics.read_text().splitlines()]
+            vals = [r["kd/pseudo_boxes_per_image"] for r in recs if "kd/pseudo_boxes_per_image" in r]
+            hist_boxes = sum(vals) / len(vals) if vals else None
+            kd = [r for r in recs if "kd/loss" in r]
+            losses = {k: [kd[0][k], kd[-1][k]] for k in ("kd/loss", "kd/head", "kd/class_kd")
+                      if kd and k in kd[0] and k in kd[-1]}
+        rows.append({"method": row, "kind": KIND[row], "map": s.get("student_map"), "map50": s.get("student_map50"),
+                     "map75": s.get("student_map75"), "steps": s["steps"], "rounds": s["rounds"],
+                     "images_synthesized": s["images_synthesized"], "synth_seconds": s["synth_seconds"],
+                     "distill_seconds": s["distill_seconds"], "row_wall_seconds": round(wall, 1),
+                     "pseudo_boxes_per_image": hist_boxes, "kd_losses_first_last_round": losses,
+                     "student_params": s["student_params"],
+                     "head_matching": s["head_matching"], "class_kd": s["class_kd"], "adi": s.get("adi"),
+                     "time_to_map": last, "overrides": [o.replace(str(work), "$WORK") for o in ov]})
+        print(f"{row:<13} mAP {rows[-1]['map']:.4f}  mAP@.5 {rows[-1]['map50']:.4f}  ({s['steps']} steps, "
+              f"{s['images_synthesized']} images, {wall:.0f} s)", flush=True)
+    by = {r["method"]: r for r in rows}
+    ceiling = by.get("box_real", {}).get("map50")
+    for r in rows:
+        r["ratio_to_ceiling_map50"] = (r["map50"] / ceiling) if ceiling else None
+        r["ratio_to_teacher_map50"] = (r["map50"] / teacher["map50"]) if teacher.get("map50") else None
+    hw = hardware()
+    payload = {
+        "benchmark": "B4-real", "command": command(),
+        "teacher": {"weights": args.weights, **teacher}, "data": args.data, "image_size": args.image_size,
+        "seed": args.seed, "budget_minutes_per_row": args.budget_minutes, "device": args.device,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                     if k not in ("weights", "data", "work", "out", "name")},
+        "hardware": hw, "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+        "wall_seconds": round(time.perf_counter() - started, 1), "rows": rows,
+    }
+    fmt = (lambda v: "-" if v is None else f"{v:.4f}")
+    df = by.get("box_inversion", {})
+    lines = [
+        f"# B4-real: YOLOv5n distilled into a narrower YOLO on the {args.device.upper()}, {args.image_size} px",
+        "",
+        f"- command: `{payload['command']}`",
+        f"- teacher: the shared YOLOv5n (`{Path(args.weights).name}`, {teacher.get('params', 0):,} parameters), "
+        f"teacher=yolo; student: its architecture at {'half' if not args.width_multiple else args.width_multiple} "
+        f"the width multiple, {rows[0]['student_params']:,} parameters, trained from scratch",
+        f"- data: coco128 (128 COCO train2017 images, 71 classes with boxes), letterboxed to {args.image_size} px; "
+        "COCO mAP by pycocotools (confidence ≥ 0.001, NMS IoU 0.45, 100 detections per image)",
+        f"- budget: {args.budget_minutes} min of distillation per row (synthesis included), seed {args.seed}; "
+        f"student batch {args.kd_batch}, AdamW lr {args.lr} (cosine over the budget), pseudo-boxes at confidence "
+        f"≥ {args.score_thresh}, class KD {args.class_kd}, head matching {'on' if args.head_matching else 'off'}; "
+        f"box_inversion: batch {args.inv_batch}, {args.inv_iterations} iterations, {args.inv_kd_steps} student "
+        f"steps per batch, the shipped synthesizer weights",
+        f"- hardware: {hw.get('gpu') or 'CPU'}, {hw['cpu_count']} cores, torch {hw['torch']} ({hw['cpu_threads']} "
+        f"thread(s)); wall time {payload['wall_seconds']:.0f} s; load average {load_start[0]:.1f} → "
+        f"{payload['loadavg_end'][0]:.1f} (a shared machine: other jobs ran, so times and step counts are noisy)",
+        "",
+        "| row | kind | mAP@[.5:.95] | mAP@.5 | mAP@.5 / ceiling | steps | images made | synthesis s | pseudo-boxes / image |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| teacher (YOLOv5n) | — | {fmt(teacher.get('map'))} | {fmt(teacher.get('map50'))} | — | — | — | — | — |",
+    ]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['kind']} | {fmt(r['map'])} | {fmt(r['map50'])} "
+                     f"| {fmt(r['ratio_to_ceiling_map50'])} | {r['steps']} | {r['images_synthesized']} "
+                     f"| {r['synth_seconds']:.0f} | {fmt(r['pseudo_boxes_per_image'])} |")
+    if df and ceiling:
+        lines += ["", f"Data-free mAP@.5 is {df['ratio_to_ceiling_map50']:.2f} of the ceiling's "
+                      f"({fmt(df['map50'])} vs {fmt(ceiling)}); the floor's is {fmt(by['box_noise']['map50'])}."
+                  if "box_noise" in by else f"Data-free mAP@.5 is {df['ratio_to_ceiling_map50']:.2f} of the ceiling's."]
+    write_report(args.out, args.name, payload, lines)
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except Exception as e:  # noqa: BLE001 - user errors are one line, the rest re-raised
+        from dfkd.errors import DfkdError
+
+        if not isinstance(e, DfkdError):
+            raise
+        print(f"bench_b4_real: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
