@@ -9,6 +9,16 @@ A stored dataset is a folder::
                                   index (int64, global sample ids)
     shards/shard-00000.json       the shard's count, seed, sha256 and class counts (written after it)
 
+A detection dataset (``task: detection`` in the manifest, written by ``dfkd-synthesize task=detection``)
+holds, instead of labels and logits, each image's boxes as flat tensors in the same shard::
+
+    boxes (N, 4) float32 xyxy pixels, box_labels (N,) int64, box_scores (N,) float32
+                                  the teacher's detections on the stored image (score ≥ the manifest's
+                                  score_thresh), image by image
+    box_counts (B,) int64         how many of those rows belong to each image, in order
+    target_boxes, target_labels, target_counts
+                                  the boxes the synthesizer aimed at (when it gives any), laid out alike
+
 Shard ``i`` holds samples ``i*shard_size ...`` and is made by a synthesizer seeded from
 ``(base_seed, i)`` alone, so an interrupted run resumes without lost or duplicated samples, and
 rank ``r`` of ``w`` writers (torchrun) makes the shards with ``i % w == r``. Every file is written
@@ -39,9 +49,15 @@ log = logging.getLogger("dfkd")
 
 FORMAT_VERSION = 1
 IMAGE_DTYPES = ("uint8", "float16")
+TASKS = ("classification", "detection")
 # settings that must match when a run resumes into an existing folder
-_SPEC_KEYS = ("format", "teacher", "synthesizer", "seed", "num_images", "shard_size", "image_dtype",
-              "input_size", "num_classes")
+_SPEC_KEYS = ("format", "task", "teacher", "synthesizer", "seed", "num_images", "shard_size", "image_dtype",
+              "input_size", "num_classes", "score_thresh")
+_SPEC_DEFAULTS = {"task": "classification"}  # a classification spec.json may not name its task
+CLASSIFICATION_KEYS = ("images", "labels", "logits", "index")
+DETECTION_KEYS = ("images", "index", "boxes", "box_labels", "box_scores", "box_counts")
+TARGET_KEYS = ("target_boxes", "target_labels", "target_counts")
+DETECT_CHUNK = 32  # images per teacher call when a detection shard's boxes are computed
 
 
 # -- identity and checksums ---------------------------------------------------------------
@@ -72,6 +88,44 @@ def teacher_identity(teacher, model_name: Optional[str] = None) -> dict[str, Any
         "input_size": list(teacher.input_size),
         "num_classes": int(teacher.num_classes),
     }
+
+
+def detection_teacher_identity(teacher, model_name: Optional[str] = None) -> dict[str, Any]:
+    """What identifies a detection teacher (a ``DetectionTeacher`` or the detector): weights hash, input
+    size, classes and the build arguments that matter to its detections."""
+    from dfkd.detection.models import detector_metadata
+
+    model = getattr(teacher, "model", teacher)
+    try:
+        build = detector_metadata(model)
+    except DfkdError:
+        build = {}
+    keep = ("arch", "backbone", "version", "num_classes", "image_size", "in_chans", "width", "fpn_channels",
+            "head_convs", "score_thresh", "nms_thresh", "detections_per_img", "topk_candidates")
+    arch = "/".join(str(build[k]) for k in ("arch", "backbone") if build.get(k)) or type(model).__name__
+    c, h, w = (int(v) for v in teacher.input_size)
+    return {
+        "architecture": model_name or arch,
+        "class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "sha256": state_dict_sha256(model),
+        "mean": [round(float(v), 6) for v in build.get("mean", [])],
+        "std": [round(float(v), 6) for v in build.get("std", [])],
+        "input_size": [c, h, w],
+        "num_classes": int(teacher.num_classes),
+        "build": {k: build[k] for k in keep if k in build},
+    }
+
+
+def detection_class_names(teacher, given: Optional[Sequence[str]] = None) -> list[str]:
+    """The teacher's class names: ``given`` (teacher.class_names), the detector's own (YOLO files carry
+    them), or ``"0" ... "K-1"``."""
+    k = int(teacher.num_classes)
+    if given is not None:
+        if len(given) != k:
+            raise DfkdError(f"teacher.class_names has {len(given)} names, the detector has {k} classes")
+        return [str(n) for n in given]
+    own = getattr(getattr(teacher, "model", teacher), "class_names", None)
+    return [str(n) for n in own] if own is not None and len(own) == k else [str(i) for i in range(k)]
 
 
 def shard_seed(base_seed: int, index: int) -> int:
@@ -115,6 +169,57 @@ def encode_shard(images: torch.Tensor, labels: torch.Tensor, logits: torch.Tenso
     return save(tensors, metadata={k: str(v) for k, v in meta.items()})
 
 
+def flatten_boxes(per_image: Sequence[Mapping[str, torch.Tensor]], prefix: str = "box_",
+                  with_scores: bool = True) -> dict[str, torch.Tensor]:
+    """Per-image ``{"boxes", "labels"[, "scores"]}`` → flat tensors: ``boxes`` (N, 4) float32 for
+    ``prefix="box_"`` (``target_boxes`` for ``"target_"``), ``<prefix>labels``, ``<prefix>scores``,
+    ``<prefix>counts`` (one count per image)."""
+    boxes = [t["boxes"].detach().float().cpu().reshape(-1, 4) for t in per_image]
+    labels = [t["labels"].detach().long().cpu().reshape(-1) for t in per_image]
+    counts = torch.tensor([len(b) for b in boxes], dtype=torch.long)
+    for b, lab in zip(boxes, labels):
+        if len(b) != len(lab):
+            raise DfkdError(f"a detection target holds {len(b)} boxes and {len(lab)} labels")
+    out = {("boxes" if prefix == "box_" else f"{prefix}boxes"): torch.cat(boxes) if boxes else torch.zeros(0, 4),
+           f"{prefix}labels": torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
+           f"{prefix}counts": counts}
+    if with_scores:
+        scores = [t["scores"].detach().float().cpu().reshape(-1) for t in per_image]
+        out[f"{prefix}scores"] = torch.cat(scores) if scores else torch.zeros(0)
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def split_boxes(t: Mapping[str, torch.Tensor], which: str = "teacher") -> list[dict[str, torch.Tensor]]:
+    """Flat shard tensors → one ``{"boxes", "labels"[, "scores"]}`` per image. ``which``: ``teacher``
+    (its detections on the stored images, with scores) or ``synthesizer`` (the boxes aimed at)."""
+    if which == "teacher":
+        boxes, labels, scores, counts = t["boxes"], t["box_labels"], t["box_scores"], t["box_counts"]
+    elif which == "synthesizer":
+        if "target_counts" not in t:
+            raise DfkdError("this dataset holds no synthesizer targets (its synthesizer gave none); "
+                            "use the teacher's boxes")
+        boxes, labels, scores, counts = t["target_boxes"], t["target_labels"], None, t["target_counts"]
+    else:
+        raise DfkdError(f"boxes must be 'teacher' or 'synthesizer', got {which!r}")
+    sizes = [int(c) for c in counts]
+    parts = {"boxes": boxes.split(sizes), "labels": labels.split(sizes)}
+    if scores is not None:
+        parts["scores"] = scores.split(sizes)
+    return [{k: v[j] for k, v in parts.items()} for j in range(len(sizes))]
+
+
+def encode_detection_shard(images: torch.Tensor, index: torch.Tensor, detections: Sequence[Mapping[str, torch.Tensor]],
+                           targets: Optional[Sequence[Mapping[str, torch.Tensor]]], meta: Mapping[str, Any]) -> bytes:
+    """A detection shard's bytes; the same inputs give the same bytes in any process (safetensors orders
+    the tensors; its metadata map is not ordered, so the metadata is one sorted-JSON entry)."""
+    from safetensors.torch import save
+
+    tensors = {"images": images.contiguous(), "index": index.long().cpu().contiguous(), **flatten_boxes(detections)}
+    if targets is not None:
+        tensors.update(flatten_boxes(targets, "target_", with_scores=False))
+    return save(tensors, metadata={"dfkd": json.dumps(dict(meta), sort_keys=True, default=str)})
+
+
 def _class_counts(labels: torch.Tensor, num_classes: int) -> list[int]:
     return torch.bincount(labels.long().cpu(), minlength=num_classes)[:num_classes].tolist()
 
@@ -130,6 +235,11 @@ class StoreWriter:
             raise DfkdError(f"image_dtype must be one of {', '.join(IMAGE_DTYPES)}, got {self.spec['image_dtype']!r}")
         if int(self.spec["num_images"]) <= 0 or int(self.spec["shard_size"]) <= 0:
             raise DfkdError("num_images and shard_size must be positive")
+        self.task = str(self.spec.get("task", "classification"))
+        if self.task not in TASKS:
+            raise DfkdError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.task == "detection" and self.spec.get("score_thresh") is None:
+            raise DfkdError("a detection dataset needs the teacher's score threshold (spec score_thresh)")
         self.num_images = int(self.spec["num_images"])
         self.shard_size = int(self.spec["shard_size"])
         self.num_shards = math.ceil(self.num_images / self.shard_size)
@@ -150,7 +260,8 @@ class StoreWriter:
             except ValueError:
                 raise DfkdError(f"{spec_path} is not valid JSON; remove the folder or choose another output") from None
             for k in _SPEC_KEYS:
-                a, b = _jsonable(old.get(k)), _jsonable(self.spec.get(k))
+                a = _jsonable(old.get(k, _SPEC_DEFAULTS.get(k)))
+                b = _jsonable(self.spec.get(k, _SPEC_DEFAULTS.get(k)))
                 if a != b:
                     what = "teacher" if k == "teacher" else k
                     raise DfkdError(f"{self.root} holds a dataset made with another {what} "
@@ -180,6 +291,8 @@ class StoreWriter:
                 p.unlink(missing_ok=True)
 
     def write_shard(self, i: int, make_synth: Callable[[int], Any], teacher, device) -> dict:
+        if self.task == "detection":
+            return self.write_detection_shard(i, make_synth, teacher, device)
         n = self.shard_count(i)
         seed = shard_seed(int(self.spec["seed"]), i)
         synth = make_synth(seed)
@@ -207,6 +320,37 @@ class StoreWriter:
         atomic_write_json(self.shard_dir / f"{shard_name(i)}.json", info)
         return info
 
+    def write_detection_shard(self, i: int, make_synth: Callable[[int], Any], teacher, device) -> dict:
+        """Shard ``i`` of a detection dataset: the images, the teacher's detections on exactly the stored
+        pixels (``teacher.detect``, score ≥ ``score_thresh``) and the synthesizer's targets when it gives them."""
+        n = self.shard_count(i)
+        seed = shard_seed(int(self.spec["seed"]), i)
+        synth = make_synth(seed)
+        xs: list[torch.Tensor] = []
+        aimed: list[Optional[dict]] = []
+        got = 0
+        while got < n:
+            b = synth.step(None)
+            xs.append(b.images.detach())
+            aimed.extend(b.targets if b.targets is not None else [None] * len(b))
+            got += len(b)
+        stored = quantize(torch.cat(xs)[:n], self.spec["image_dtype"])
+        thresh = float(self.spec["score_thresh"])
+        dets: list[dict] = []
+        for s in range(0, n, DETECT_CHUNK):  # the boxes of exactly the stored pixels
+            dets += teacher.detect(to_float(stored[s:s + DETECT_CHUNK]).to(device), score_thresh=thresh)
+        targets = None if any(t is None for t in aimed[:n]) else aimed[:n]
+        index = torch.arange(i * self.shard_size, i * self.shard_size + n)
+        blob = encode_detection_shard(stored, index, dets, targets,
+                                      {"shard": i, "seed": seed, "format": FORMAT_VERSION, "task": "detection"})
+        atomic_write_bytes(self.shard_dir / f"{shard_name(i)}.safetensors", blob)
+        labels = torch.cat([d["labels"].long().cpu() for d in dets]) if dets else torch.zeros(0, dtype=torch.long)
+        info = {"index": i, "file": f"shards/{shard_name(i)}.safetensors", "count": n, "seed": seed,
+                "bytes": len(blob), "sha256": sha256_bytes(blob), "boxes": len(labels),
+                "class_counts": _class_counts(labels, int(self.spec["num_classes"]))}
+        atomic_write_json(self.shard_dir / f"{shard_name(i)}.json", info)
+        return info
+
     def finalize(self, complete: bool, wall_seconds: float) -> Optional[dict]:
         """Write manifest.json from the shards' sidecars (the last file written)."""
         shards = [self.done(i) for i in range(self.num_shards)]
@@ -220,10 +364,13 @@ class StoreWriter:
             "count": sum(s["count"] for s in have),
             "complete": len(have) == self.num_shards,
             "class_counts": counts,
-            "shards": [{kk: s[kk] for kk in ("index", "file", "count", "seed", "bytes", "sha256", "class_counts")}
+            "shards": [{kk: s[kk] for kk in ("index", "file", "count", "seed", "bytes", "sha256", "boxes",
+                                             "class_counts") if kk in s}
                        for s in have],
             "wall_seconds_last_writer": round(wall_seconds, 3),
         }
+        if self.task == "detection":  # class_counts count the teacher's boxes, not images
+            manifest["box_count"] = sum(int(s.get("boxes", 0)) for s in have)
         atomic_write_json(self.root / "manifest.json", manifest)
         return manifest
 
@@ -294,6 +441,9 @@ class SyntheticStore:
             self.shards = list(self.manifest["shards"])
             self.num_classes = int(self.manifest["num_classes"])
             self.input_size = tuple(int(s) for s in self.manifest["input_size"])
+            self.task = str(self.manifest.get("task", "classification"))
+            if self.task not in TASKS:
+                raise ValueError(f"unknown task {self.task!r}")
         except (ValueError, KeyError, TypeError) as e:
             raise DfkdError(f"manifest {mpath} is corrupt ({type(e).__name__}: {e})") from None
         if not self.manifest.get("complete", True):
@@ -315,17 +465,25 @@ class SyntheticStore:
     def check_teacher(self, teacher) -> None:
         """DfkdError unless ``teacher`` has the weights (and normalisation) the dataset was made with."""
         want = self.teacher
-        have = teacher_identity(teacher)
+        detector = hasattr(teacher, "detect")
+        if detector != (self.task == "detection"):
+            raise DfkdError(f"dataset {self.root} holds {self.task} data, the teacher given is a "
+                            f"{'detector' if detector else 'classifier'}"
+                            + ("; distil from it with dfkd-distill task=detection teacher=detector ..."
+                               if self.task == "detection" else ""))
+        have = detection_teacher_identity(teacher) if detector else teacher_identity(teacher)
         if want.get("sha256") != have["sha256"]:
             raise DfkdError(f"dataset {self.root} was made with another teacher ({want.get('architecture')}, "
                             f"weights sha256 {str(want.get('sha256'))[:12]}) than the one given "
                             f"({have['architecture']}, sha256 {have['sha256'][:12]})")
         for k in ("mean", "std", "input_size", "num_classes"):
-            if k in want and _jsonable(want[k]) != _jsonable(have[k]):
+            if k in want and want[k] and _jsonable(want[k]) != _jsonable(have[k]):
                 raise DfkdError(f"dataset {self.root} was made with teacher {k} {want[k]}, the teacher given has {have[k]}")
 
     def read_shard(self, i: int) -> dict[str, torch.Tensor]:
-        """Shard number ``i`` in the manifest's list: images, labels, logits, index."""
+        """Shard number ``i`` in the manifest's list: images, labels, logits, index (classification), or
+        images, index and the flat box tensors (detection: :data:`DETECTION_KEYS`, and
+        :data:`TARGET_KEYS` when the synthesizer gave targets; :func:`split_boxes` cuts them per image)."""
         from safetensors.torch import load
 
         info = self.shards[i]
@@ -339,23 +497,82 @@ class SyntheticStore:
             raise DfkdError(f"shard {path} is corrupt: sha256 does not match the manifest")
         try:
             t = load(blob)
-            assert {"images", "labels", "logits", "index"} <= set(t) and len(t["images"]) == info["count"]
+            assert set(self._keys()) <= set(t) and len(t["images"]) == info["count"]
+            if self.task == "detection":
+                for c, rows in (("box_counts", "boxes"), ("target_counts", "target_boxes")):
+                    if c in t:
+                        assert len(t[c]) == info["count"] and int(t[c].sum()) == len(t[rows])
         except Exception as e:  # noqa: BLE001 - unreadable safetensors
             raise DfkdError(f"shard {path} is corrupt: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         return t
 
+    def _keys(self) -> tuple[str, ...]:
+        return DETECTION_KEYS if self.task == "detection" else CLASSIFICATION_KEYS
+
     def load_all(self) -> dict[str, torch.Tensor]:
-        """Every shard concatenated (images stay in their stored dtype)."""
+        """Every shard concatenated (images stay in their stored dtype); a detection dataset's flat box
+        tensors stay in image order, so :func:`split_boxes` (or :meth:`targets`) cuts them per image."""
         parts = [self.read_shard(i) for i in range(len(self.shards))]
         if not parts:
             raise DfkdError(f"dataset {self.root} holds no shards")
-        return {k: torch.cat([p[k] for p in parts]) for k in ("images", "labels", "logits", "index")}
+        keys = list(self._keys())
+        if self.task == "detection" and all("target_counts" in p for p in parts):
+            keys += TARGET_KEYS
+        return {k: torch.cat([p[k] for p in parts]) for k in keys}
 
-    def dataset(self):
+    @property
+    def score_thresh(self) -> Optional[float]:
+        """The teacher score above which a detection dataset's boxes were kept (None: classification)."""
+        v = self.manifest.get("score_thresh")
+        return None if v is None else float(v)
+
+    def targets(self, which: str = "teacher", data: Optional[Mapping[str, torch.Tensor]] = None) -> list[dict]:
+        """A detection dataset's boxes, one ``{"boxes", "labels"[, "scores"]}`` per image (see :func:`split_boxes`)."""
+        self._need_detection("targets()")
+        return split_boxes(data if data is not None else self.load_all(), which)
+
+    def _need_detection(self, what: str) -> None:
+        if self.task != "detection":
+            raise DfkdError(f"{what} reads boxes; dataset {self.root} holds {self.task} data")
+
+    def dataset(self, boxes: str = "teacher", score_thresh: Optional[float] = None):
+        """Classification: an ``ArrayDataset`` of (image, label). Detection: a :class:`DetectionStoreDataset`
+        of (image, ``{"boxes", "labels", "scores"}``) — the teacher's detections (``boxes="teacher"``; only
+        those with score ≥ ``score_thresh`` when given) or the synthesizer's targets (``"synthesizer"``)."""
+        t = self.load_all()
+        if self.task == "detection":
+            return DetectionStoreDataset(t["images"], split_boxes(t, boxes), self.class_names,
+                                         score_thresh=score_thresh)
         from dfkd.data import ArrayDataset
 
-        t = self.load_all()
         return ArrayDataset(t["images"], t["labels"])
+
+
+class DetectionStoreDataset(torch.utils.data.Dataset):
+    """A detection dataset in memory: ``ds[i]`` is a float [0, 1] CHW image and its target
+    ``{"boxes" (K, 4) float32 xyxy px, "labels" (K,) int64[, "scores" (K,) float32]}`` — what
+    :func:`dfkd.detection.train.train_detector` and torchvision's detectors take."""
+
+    def __init__(self, images: torch.Tensor, targets: Sequence[Mapping[str, torch.Tensor]],
+                 class_names: Sequence[str], score_thresh: Optional[float] = None):
+        if len(images) != len(targets):
+            raise DfkdError(f"{len(images)} images and {len(targets)} targets")
+        self.images = images
+        if score_thresh is not None:
+            targets = [{k: v[t["scores"] >= score_thresh] for k, v in t.items()} if "scores" in t else t
+                       for t in targets]
+        self.targets = [dict(t) for t in targets]
+        self.class_names = list(class_names)
+        self.num_classes = len(self.class_names)
+        self.transform: Optional[Callable] = None  # (image, target) -> (image, target), as the data side's sets
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        image = to_float(self.images[i])
+        target = {k: v.clone() for k, v in self.targets[i].items()}
+        return self.transform(image, target) if self.transform is not None else (image, target)
 
 
 # -- inspection ---------------------------------------------------------------------------
@@ -373,9 +590,37 @@ def confidence_stats(logits: torch.Tensor, labels: torch.Tensor, num_classes: in
             "predicted_counts": _class_counts(pred, num_classes), "mean_confidence_per_class": per_class}
 
 
+def box_stats(data: Mapping[str, torch.Tensor], num_classes: int) -> dict[str, Any]:
+    """A detection dataset's boxes: per image, per class, their scores and sizes."""
+    def q(v: torch.Tensor) -> Optional[list[float]]:
+        return [float(x) for x in torch.quantile(v, torch.tensor([0.1, 0.5, 0.9]))] if len(v) else None
+
+    counts, scores, b = data["box_counts"], data["box_scores"].float(), data["boxes"].float()
+    side = ((b[:, 2] - b[:, 0]).clamp_min(0) * (b[:, 3] - b[:, 1]).clamp_min(0)).sqrt()
+    out = {"boxes": int(counts.sum()), "boxes_per_image": float(counts.float().mean()) if len(counts) else 0.0,
+           "images_without_boxes": int((counts == 0).sum()),
+           "max_boxes_per_image": int(counts.max()) if len(counts) else 0,
+           "score_p10_p50_p90": q(scores), "box_side_p10_p50_p90": q(side),
+           "boxes_per_class": _class_counts(data["box_labels"], num_classes)}
+    if "target_counts" in data:
+        out["synthesizer_boxes"] = int(data["target_counts"].sum())
+        out["synthesizer_boxes_per_class"] = _class_counts(data["target_labels"], num_classes)
+    return out
+
+
 def summarize(store: SyntheticStore, data: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, Any]:
     m = store.manifest
     t = data if data is not None else store.load_all()
+    if store.task == "detection":
+        return {
+            "path": str(store.root), "task": "detection", "count": len(store), "num_images": m.get("num_images"),
+            "complete": m.get("complete"), "shards": len(store.shards), "image_dtype": m.get("image_dtype"),
+            "input_size": list(store.input_size), "num_classes": store.num_classes,
+            "teacher": store.teacher, "synthesizer": m.get("synthesizer"), "seed": m.get("seed"),
+            "score_thresh": store.score_thresh, "dfkd_version": m.get("dfkd_version"),
+            "class_counts": m.get("class_counts"), "detections": box_stats(t, store.num_classes),
+            "duplicates": int(len(t["index"]) - len(torch.unique(t["index"]))),
+        }
     return {
         "path": str(store.root), "count": len(store), "num_images": m.get("num_images"),
         "complete": m.get("complete"), "shards": len(store.shards), "image_dtype": m.get("image_dtype"),
@@ -397,6 +642,9 @@ def export_image_folder(store: SyntheticStore, out: str | Path, progress: bool =
     """
     from PIL import Image
 
+    if store.task == "detection":
+        raise DfkdError(f"{store.root} is a detection dataset; export writes class folders (classification "
+                        "only): read its boxes with SyntheticStore(PATH).targets() or .dataset()")
     out = Path(out).expanduser()
     names = store.class_names
     # folder names that sort in label order (zero-padded prefix unless the names already do)
