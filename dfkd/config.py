@@ -170,6 +170,9 @@ class SynthesizeAppConfig:
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     synthesizer: Dict[str, Any] = field(default_factory=dict)  # {name: ..., <its settings>}
+    task: Task = Task.classification     # classification | detection (teacher=detector: boxes in the shards)
+    detection: Dict[str, Any] = field(default_factory=dict)    # task=detection: detection.score_thresh (kept boxes),
+                                                               # detection.train_path (box_real)
     output: str = MISSING               # the dataset folder (re-run the same command to resume)
     num_images: int = 1024
     shard_size: int = 256               # images per shard (one synthesizer seed per shard)

@@ -111,14 +111,18 @@ def detection_settings(node: Mapping[str, Any] | None) -> DetectionSettings:
     return s
 
 
+def _tasks(syn_cls: type) -> tuple[str, ...]:
+    """The tasks a synthesizer makes data for: ``Synthesizer.task``, or ``tasks`` for a source of either kind."""
+    return tuple(getattr(syn_cls, "tasks", (getattr(syn_cls, "task", "classification"),)))
+
+
 def check_task(syn_cls: type, name: str, task: str) -> None:
     """A synthesizer makes data for one task (``Synthesizer.task``): say so in one line when it is not ``task``."""
-    made = getattr(syn_cls, "task", "classification")
-    if made != task:
+    if task not in _tasks(syn_cls):
         from generators import SYNTHESIZERS
 
-        fits = [n for n in SYNTHESIZERS if getattr(SYNTHESIZERS.get(n), "task", "classification") == task]
-        raise DfkdError(f"synthesizer {name!r} makes {made} data, but task={task}; "
+        fits = [n for n in SYNTHESIZERS if task in _tasks(SYNTHESIZERS.get(n))]
+        raise DfkdError(f"synthesizer {name!r} makes {' or '.join(_tasks(syn_cls))} data, but task={task}; "
                         f"for {task} choose one of: {', '.join(fits)}")
 
 
@@ -198,16 +202,18 @@ def _same_head_geometry(teacher_model, student, tb, device) -> bool:
 
 
 def build_detection_source(syn_cfg: Mapping[str, Any], teacher, student, tb, s: DetectionSettings, seed: int,
-                           device: torch.device):
-    """The synthesizer from ``synthesizer.*`` (checked against its constructor and the task)."""
+                           device: torch.device, dataset=None):
+    """The synthesizer from ``synthesizer.*`` (checked against its constructor and the task); ``dataset``:
+    the real train images already read (else read from ``detection.train_path`` when the source needs them)."""
     from dfkd.pipeline import check_synthesizer_cfg
 
     cls, name, kw = check_synthesizer_cfg(syn_cfg)
     check_task(cls, name, "detection")
     if getattr(cls, "needs_real_data", False):
-        if not s.train_path:
+        if dataset is None and not s.train_path:
             raise DfkdError(f"synthesizer {name!r} reads real train images: set detection.train_path=PATH")
-        kw["dataset"] = load_detection_set(s.train_path, s.train_split, tb["in_chans"])
+        kw["dataset"] = dataset if dataset is not None else load_detection_set(s.train_path, s.train_split,
+                                                                                tb["in_chans"])
     if float(kw.get("adi", 0) or 0) > 0 and not _same_head_geometry(teacher.model, student, tb, device):
         log.warning("synthesizer.adi needs a student head of the teacher's geometry; running without it")
         kw["adi"] = 0.0
@@ -327,6 +333,7 @@ def run_detection(cfg: Mapping[str, Any], run_dir: str | Path) -> dict[str, Any]
                            budget_seconds=60 * s.budget_minutes if s.budget_minutes else None, device=device,
                            seed=seed, progress=progress, eval_fn=eval_fn, eval_every=s.eval_every,
                            eval_every_seconds=s.eval_every_seconds, metrics_path=str(run_dir / "metrics.jsonl"),
+                           tensorboard_dir=str(run_dir / "tb"),
                            state=state, checkpoint_fn=checkpoint,
                            checkpoint_every=s.checkpoint_every)
     student.eval()
