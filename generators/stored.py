@@ -3,7 +3,13 @@
     dfkd-distill synthesizer=stored synthesizer.path=DATASET distill.teacher_logits=stored  # no teacher needed
     dfkd-distill synthesizer=stored synthesizer.path=DATASET                                # re-query the teacher
 
-With a teacher, the dataset's manifest must name the same teacher (weights hash, normalisation).
+    dfkd-distill task=detection teacher=detector teacher.checkpoint=DET.safetensors \
+        synthesizer=stored synthesizer.path=DATASET                                         # a detection dataset
+
+With a teacher, the dataset's manifest must name the same teacher (weights hash, normalisation). A
+detection dataset (``dfkd-synthesize task=detection``) gives its images with the boxes stored beside
+them as the batch's ``targets``; the distillation loop takes the teacher's pseudo-boxes on its own
+augmented copies, as it does for every detection source.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ class StoredSynthesizer(Synthesizer):
     """
 
     needs_real_data = False
+    tasks = ("classification", "detection")  # what the dataset holds decides (its manifest's task)
 
     @classmethod
     def check_settings(cls, settings: dict) -> None:
@@ -43,8 +50,12 @@ class StoredSynthesizer(Synthesizer):
                  device="cpu", logits: str = "stored", verify: bool = True):
         self.check_settings({"path": path, "logits": logits})
         self.store = SyntheticStore(path, verify=verify)
+        self.task = self.store.task
         if teacher is not None:
             self.store.check_teacher(teacher)
+        elif self.task == "detection":
+            raise DfkdError(f"dataset {self.store.root} holds detection data (boxes, no logits): distil from it with "
+                            "dfkd-distill task=detection teacher=detector teacher.checkpoint=DET")
         elif logits == "teacher":
             raise DfkdError("synthesizer.logits=teacher needs a teacher")
         self.teacher = teacher
@@ -57,7 +68,12 @@ class StoredSynthesizer(Synthesizer):
         self._label_queue = torch.empty(0, dtype=torch.long)
         self.logits_from = logits
         t = self.store.load_all()
-        self.images, self.labels, self.stored_logits = t["images"], t["labels"], t["logits"]
+        self.images = t["images"]
+        if self.task == "detection":
+            self.targets = self.store.targets(data=t)
+            self.labels = self.stored_logits = None
+        else:
+            self.labels, self.stored_logits = t["labels"], t["logits"]
         self.order = torch.randperm(len(self.images), generator=self.cpu_rng)
         self.pos = 0
         self.epoch = 0
@@ -78,6 +94,9 @@ class StoredSynthesizer(Synthesizer):
     def step(self, student: nn.Module | None = None) -> SyntheticBatch:
         idx = self._next_index(self.batch_size)
         x = to_float(self.images[idx]).to(self.device)
+        if self.task == "detection":
+            targets = [{k: v.to(self.device) for k, v in self.targets[int(j)].items()} for j in idx]
+            return SyntheticBatch(images=x, targets=targets, stats={"stored_epoch": float(self.epoch)})
         if self.logits_from == "teacher":
             t = self.teacher_logits(x)
         else:
