@@ -4,6 +4,9 @@
     dfkd-inspect DATASET --grid grid.png --per-class 16
     dfkd-inspect DATASET --export images/                       # class/xxxxxxxx.png + labels.csv/json
     dfkd-inspect DATASET --json                                 # the summary as JSON
+
+A detection dataset (``dfkd-synthesize task=detection``) is summarised by its boxes (per image, per
+class, scores, sizes); its grid shows the first images with the teacher's boxes drawn.
 """
 
 from __future__ import annotations
@@ -49,6 +52,58 @@ def format_report(s: dict) -> str:
     return "\n".join(lines)
 
 
+def format_detection_report(s: dict) -> str:
+    t = s["teacher"] or {}
+    syn = s.get("synthesizer") or {}
+    d = s["detections"]
+    fmt = lambda v: "-" if v is None else "/".join(f"{x:.3g}" for x in v)  # noqa: E731
+    lines = [
+        f"dataset       {s['path']}  (detection)",
+        f"images        {s['count']} of {s['num_images']} ({'complete' if s['complete'] else 'INCOMPLETE'}), "
+        f"{s['shards']} shards, {s['image_dtype']}, {'x'.join(map(str, s['input_size']))}",
+        f"teacher       {t.get('architecture')}  sha256 {str(t.get('sha256'))[:16]}",
+        f"synthesizer   {syn.get('name')}  seed {s['seed']}  dfkd {s['dfkd_version']}",
+        f"boxes         {d['boxes']} teacher detections with score >= {s['score_thresh']} "
+        f"({d['boxes_per_image']:.2f} per image, at most {d['max_boxes_per_image']}, "
+        f"{d['images_without_boxes']} images without any)",
+        f"scores        p10/p50/p90 {fmt(d['score_p10_p50_p90'])}  box side (px) {fmt(d['box_side_p10_p50_p90'])}",
+        f"duplicates    {s['duplicates']}",
+        "boxes per class (teacher" + (" | synthesizer targets" if "synthesizer_boxes" in d else "") + "):",
+    ]
+    counts = d["boxes_per_class"]
+    top = max(counts) if counts else 0
+    names = s.get("class_names") or [str(k) for k in range(len(counts))]
+    for k, n in enumerate(counts):
+        aimed = f" {d['synthesizer_boxes_per_class'][k]:>7}" if "synthesizer_boxes" in d else ""
+        lines.append(f"  {names[k]:>12} {n:>7}{aimed}  {_bar(n, top)}")
+    return "\n".join(lines)
+
+
+def save_box_grid(images, targets, path: Path, count: int = 32, min_side: int = 96) -> None:
+    """The first ``count`` images with their boxes drawn, in one PNG."""
+    import torch
+    import torch.nn.functional as F
+    from torchvision.utils import draw_bounding_boxes, make_grid, save_image
+
+    from dfkd.data.store import to_float
+
+    x = to_float(images[:count])
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    scale = max(1, min_side // max(x.shape[-2:]))
+    if scale > 1:
+        x = F.interpolate(x, scale_factor=scale, mode="nearest")
+    drawn = []
+    for img, t in zip(x, targets):
+        img = (img * 255).round().to(torch.uint8)[:3]
+        if len(t["boxes"]):  # (an image without boxes is shown as it is)
+            img = draw_bounding_boxes(img, t["boxes"] * scale, labels=[str(int(v)) for v in t["labels"]],
+                                      colors="red")
+        drawn.append(img)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(make_grid([d.float() / 255 for d in drawn], nrow=8, padding=2), str(path))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog=PROG, description="Summarise a stored synthetic dataset (dfkd-synthesize output).")
     p.add_argument("path", help="the dataset folder (holding manifest.json)")
@@ -72,7 +127,11 @@ def main(argv: list[str] | None = None) -> None:
         s = summarize(store, data)
         s["class_names"] = store.class_names
         grid = Path(args.grid) if args.grid else store.root / "inspect_grid.png"
-        save_sample_grid(to_float(data["images"]), data["labels"], grid, store.num_classes, per_class=args.per_class)
+        if store.task == "detection":
+            save_box_grid(data["images"], store.targets(data=data), grid, count=8 * args.per_class)
+        else:
+            save_sample_grid(to_float(data["images"]), data["labels"], grid, store.num_classes,
+                             per_class=args.per_class)
         s["grid"] = str(grid)
         if args.export:
             s["export"] = str(export_image_folder(store, args.export, progress=False))
@@ -81,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         print(json.dumps(s, indent=2))
     else:
-        print(format_report(s))
+        print(format_detection_report(s) if s.get("task") == "detection" else format_report(s))
         print(f"grid          {s['grid']}")
         if args.export:
             print(f"exported      {s['export']}")
