@@ -62,6 +62,22 @@ def cache_dir(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.fixture(scope="session")
+def digits_teacher_cache(cache_dir) -> Path:
+    """``cache_dir`` holding the built-in digits teacher that every ``teacher.train.epochs=3`` run of the
+    default config uses (the cache key is the teacher's config, data and seed): trained here once, in
+    this process, if no test has trained it yet. Commands given ``DFKD_CACHE`` = this folder start
+    distilling at once."""
+    from dfkd.bench import compose
+    from dfkd.pipeline import build_teacher, load_data
+
+    cfg = compose("distill", ["teacher.train.epochs=3", "progress=false", "device=cpu"])
+    raw = load_data(cfg["data"], train=True)
+    build_teacher(cfg["teacher"], raw, torch.device("cpu"), seed=int(cfg["seed"]), progress=False)
+    assert len(list((cache_dir / "teachers").glob("*.safetensors"))) >= 1
+    return cache_dir
+
+
 @pytest.fixture
 def bn_teacher():
     """A tiny BatchNorm CNN teacher on 8×8 RGB images with non-trivial running statistics."""
@@ -89,11 +105,92 @@ def tiny_vit_student():
     return Normalized(m, [0.5] * 3, [0.25] * 3, (3, 8, 8), 4)
 
 
+COMMANDS = {"dfkd-distill": "dfkd.cli.distill", "dfkd-train-teacher": "dfkd.cli.train_teacher",
+            "dfkd-synthesize": "dfkd.cli.synthesize", "dfkd-inspect": "dfkd.cli.inspect",
+            "dfkd-train-diffusion": "dfkd.cli.train_diffusion", "dfkd-eval": "dfkd.cli.evaluate"}
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run an installed console command (through ``python -m`` so the test's interpreter is used)."""
-    module = {"dfkd-distill": "dfkd.cli.distill", "dfkd-train-teacher": "dfkd.cli.train_teacher",
-              "dfkd-synthesize": "dfkd.cli.synthesize", "dfkd-inspect": "dfkd.cli.inspect",
-              "dfkd-train-diffusion": "dfkd.cli.train_diffusion"}[args[0]]
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", module, *args[1:]], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", COMMANDS[args[0]], *args[1:]], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=str(ROOT))
+
+
+# One interpreter imports what every command imports (torch, hydra, scikit-learn, the package: about
+# 5 s of CPU a process, nearly all of what a command that stops at a bad input costs), then forks one child per
+# command. Each child is a process of its own, in the state a fresh ``python -m MODULE`` reaches
+# after those imports: it takes the command's environment, folder and arguments, runs the module as
+# ``__main__`` (the console command's own ``main()``) and exits with its status; its stdout and
+# stderr (the file descriptors, so log handlers and warnings are caught too) come back separately.
+_FORK_RUNNER = r"""
+import json, os, runpy, signal, sys, tempfile, time, traceback
+calls = json.loads(sys.stdin.read())
+# paid once, before any fork (sklearn: the built-in digits; about as slow to import as torch)
+import torch, hydra, omegaconf, timm, sklearn.datasets, sklearn.model_selection  # noqa: E401,F401
+import dfkd.cli.common, dfkd.pipeline, generators  # noqa: E401,F401
+results = []
+for c in calls:
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    sys.stdout.flush(); sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0); os.dup2(out.fileno(), 1); os.dup2(err.fileno(), 2)
+            os.environ.clear(); os.environ.update(c["env"])
+            os.chdir(c["cwd"])
+            extra = [p for p in c["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
+            sys.path[:0] = extra  # what PYTHONPATH does at interpreter start
+            sys.argv = [c["module"], *c["args"]]
+            try:
+                runpy.run_module(c["module"], run_name="__main__", alter_sys=True)
+                code = 0
+            except SystemExit as e:
+                if e.code is None or isinstance(e.code, int):
+                    code = e.code or 0
+                else:
+                    print(e.code, file=sys.stderr); code = 1
+            except BaseException:
+                traceback.print_exc(); code = 1
+        finally:
+            try:
+                sys.stdout.flush(); sys.stderr.flush()
+            finally:
+                os._exit(code)
+    deadline = time.time() + c["timeout"]
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            rc = os.waitstatus_to_exitcode(status); break
+        if time.time() > deadline:
+            os.kill(pid, signal.SIGKILL); os.waitpid(pid, 0); rc = "timeout"; break
+        time.sleep(0.02)
+    out.seek(0); err.seek(0)
+    results.append({"returncode": rc, "stdout": out.read().decode(errors="replace"),
+                    "stderr": err.read().decode(errors="replace")})
+sys.stdout.write(json.dumps(results))
+"""
+
+
+def run_cli_many(calls: list[tuple], timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """Several console commands, each in a process of its own forked from one that paid the imports
+    once (see ``_FORK_RUNNER``). ``calls``: ``(command, [args...])`` or ``(command, [args...], env)``
+    with ``command`` a console command (``dfkd-distill``) or a module (``dfkd.models.convert``); the
+    env adds to this process's, as :func:`run_cli`'s does. Results come back in order, as
+    ``CompletedProcess`` objects (``returncode`` ``"timeout"`` for a command killed after ``timeout`` s)."""
+    import json
+
+    jobs = []
+    for call in calls:
+        command, args, env = (*call, None)[:3]
+        jobs.append({"module": COMMANDS.get(command, command), "args": [str(a) for a in args],
+                     "env": {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, "cwd": str(ROOT),
+                     "timeout": timeout})
+    r = subprocess.run([sys.executable, "-c", _FORK_RUNNER], input=json.dumps(jobs), capture_output=True, text=True,
+                       cwd=str(ROOT), timeout=timeout * len(jobs) + 60)
+    if r.returncode != 0:
+        raise RuntimeError(f"the command runner failed: {r.stderr[-3000:]}")
+    return [subprocess.CompletedProcess([j["module"], *j["args"]], x["returncode"], x["stdout"], x["stderr"])
+            for j, x in zip(jobs, json.loads(r.stdout))]
