@@ -92,6 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--student-head-convs", type=int, default=1)
     g = ap.add_argument_group("distillation (same for every method)")
     g.add_argument("--budget-minutes", type=float, default=5.0, help="wall-clock budget per student method")
+    g.add_argument("--steps", type=int, default=None,
+                   help="a fixed number of student steps per method instead of the budget (rows that do not "
+                        "depend on the machine's speed or load)")
     g.add_argument("--kd-batch", type=int, default=32)
     g.add_argument("--kd-lr", type=float, default=5e-3)
     g.add_argument("--kd-steps-per-round", type=int, default=4,
@@ -231,7 +234,8 @@ def main(argv=None) -> None:
     def overrides(method: str, seed: int) -> list[str]:
         ov = ["teacher=detector", f"teacher.checkpoint={tpath}", "data=coco", f"data.path={paths['test']}",
               f"seed={seed}", "progress=false", "resume=false", f"threads={args.threads}", f"device={args.device}",
-              f"detection.steps={10 ** 9}", f"detection.budget_minutes={args.budget_minutes}",
+              f"detection.steps={args.steps or 10 ** 9}",
+              f"detection.budget_minutes={'null' if args.steps else args.budget_minutes}",
               f"detection.kd_steps={args.inv_kd_steps_per_round if method == 'box_inversion' else args.kd_steps_per_round}",
               f"detection.student_backbone={args.student_backbone}", f"detection.student_width={args.student_width}",
               f"detection.student_fpn={args.student_fpn}", f"detection.student_head_convs={args.student_head_convs}",
@@ -252,7 +256,7 @@ def main(argv=None) -> None:
     from dfkd.bench import compose
     from dfkd.detection.run import run_detection
 
-    budget = 60.0 * args.budget_minutes
+    budget = None if args.steps else 60.0 * args.budget_minutes
     runs = []
     student_params = None
     for method in args.methods:
@@ -332,7 +336,9 @@ def main(argv=None) -> None:
         f"{teacher_params} params, {args.teacher_steps} steps on the train canvases",
         f"- student: FCOS, {args.student_backbone} width {args.student_width}, FPN {args.student_fpn}, "
         f"{args.student_head_convs} head conv(s), {student_params} params; same init, budget "
-        f"({args.budget_minutes:g} min wall clock, evaluation included) and KD loop for every method: batch "
+        + (f"({args.steps} student steps) " if args.steps else
+           f"({args.budget_minutes:g} min wall clock, evaluation included) ")
+        + "and KD loop for every method: batch "
         f"{args.kd_batch}, {args.kd_steps_per_round} steps per round from a {args.memory_size}-image memory, "
         f"teacher pseudo-labels (score ≥ {args.score_thresh})"
         + (f" + head matching (weight {args.head_weight:g})" if args.head_matching else "")
