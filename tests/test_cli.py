@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, run_cli_many
 
 TINY = [
     "teacher.train.epochs=3", "distill.rounds=4", "distill.kd_steps=2", "distill.eval_every=2",
@@ -30,7 +30,14 @@ def _top1_from_saved_student(run):
 
 @pytest.fixture
 def env(tmp_path):
+    """A cold teacher cache of the test's own."""
     return {"DFKD_CACHE": str(tmp_path / "cache")}
+
+
+@pytest.fixture
+def warm(digits_teacher_cache):
+    """The session's teacher cache, the digits teacher of TINY already in it: runs start distilling."""
+    return {"DFKD_CACHE": str(digits_teacher_cache)}
 
 
 def test_default_run_end_to_end(tmp_path, env):
@@ -62,11 +69,11 @@ def test_default_run_end_to_end(tmp_path, env):
     assert "teacher: cached" in out and "teacher: training" not in out
 
 
-def test_finished_run_extends_on_resume(tmp_path, env):
+def test_finished_run_extends_on_resume(tmp_path, warm):
     run = tmp_path / "run"
-    assert run_cli("dfkd-distill", *TINY, f"hydra.run.dir={run}", env=env).returncode == 0
+    assert run_cli("dfkd-distill", *TINY, f"hydra.run.dir={run}", env=warm).returncode == 0
     first = (run / "metrics.jsonl").read_text().splitlines()
-    r = run_cli("dfkd-distill", *TINY, "distill.rounds=6", f"hydra.run.dir={run}", env=env)
+    r = run_cli("dfkd-distill", *TINY, "distill.rounds=6", f"hydra.run.dir={run}", env=warm)
     assert r.returncode == 0, r.stderr
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["round"] for x in lines] == [1, 2, 3, 4, 5, 6]
@@ -74,31 +81,48 @@ def test_finished_run_extends_on_resume(tmp_path, env):
     assert "round 6/6" in r.stdout + r.stderr and "round 2/6" not in r.stdout + r.stderr
 
 
-def test_sigkill_then_resume_finishes(tmp_path, env):
-    """Kill the process mid-run; the same command continues from the last checkpoint."""
+# Runs dfkd-distill and SIGKILLs its own process right after the round-3 checkpoint is on disk: the
+# kill lands at the same point on every run, however fast or loaded the machine is.
+_KILL_AFTER_ROUND_3 = """
+import io, os, signal, sys
+import torch
+import dfkd.models.checkpoint as ck
+
+def write_then_die(path, data):
+    write(path, data)
+    if os.path.basename(str(path)) == "checkpoint.pt" and torch.load(io.BytesIO(data), weights_only=True)["round"] >= 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+write = ck.atomic_write_bytes
+ck.atomic_write_bytes = write_then_die
+from dfkd.cli.distill import main
+sys.argv = ["dfkd-distill", *sys.argv[1:]]
+main()
+"""
+
+
+def test_sigkill_then_resume_finishes(tmp_path, warm):
+    """Killed (SIGKILL: no handler runs) after its round-3 checkpoint, the same command continues from
+    there: rounds 1-3 are not run again and the run ends at round 6."""
     run = tmp_path / "run"
-    args = [a for a in TINY if not a.startswith(("distill.rounds", "synthesizer.iterations"))]
-    args += ["distill.rounds=30", "synthesizer.iterations=20", f"hydra.run.dir={run}"]
-    cmd = [sys.executable, "-m", "dfkd.cli.distill", *args]
-    full_env = {**os.environ, **env}
-    # warm the teacher cache so the kill lands during distillation
-    assert run_cli("dfkd-distill", *TINY, f"hydra.run.dir={tmp_path / 'warm'}", env=env).returncode == 0
-    p = subprocess.Popen(cmd, env=full_env, cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = run / "checkpoint.pt"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if ckpt.is_file() and torch.load(ckpt, weights_only=True)["round"] >= 3:
-            break
-        time.sleep(0.2)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    killed_at = torch.load(ckpt, weights_only=True)["round"]
-    assert 3 <= killed_at < 30, "the run finished before it could be killed"
-    r = subprocess.run(cmd, env=full_env, cwd=str(ROOT), capture_output=True, text=True, timeout=300)
+    args = [a for a in TINY if not a.startswith("distill.rounds")] + ["distill.rounds=6", f"hydra.run.dir={run}"]
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **warm}
+    killed = subprocess.run([sys.executable, "-c", _KILL_AFTER_ROUND_3, *args], env=full_env, cwd=str(ROOT),
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["round"] == 3
+    assert not (run / "summary.json").exists()
+    before = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["round"] for x in before] == [1, 2, 3]
+    r = subprocess.run([sys.executable, "-m", "dfkd.cli.distill", *args], env=full_env, cwd=str(ROOT),
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    rounds = [json.loads(x)["round"] for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert rounds == list(range(1, 31))
-    assert json.loads((run / "summary.json").read_text())["rounds"] == 30
+    out = r.stdout + r.stderr  # a line per evaluation (every 2nd round): 4 and 6 ran, 2 did not run again
+    assert "round 4/6" in out and "round 6/6" in out and "round 2/6" not in out, out[-2000:]
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["round"] for x in lines] == list(range(1, 7))
+    assert lines[:3] == before  # rounds 1-3 are the killed run's lines, untouched
+    assert json.loads((run / "summary.json").read_text())["rounds"] == 6
 
 
 def _assert_clean_error(r, *needles):
@@ -111,24 +135,27 @@ def _assert_clean_error(r, *needles):
 
 
 def test_bad_inputs_give_one_line_and_exit_2(tmp_path, env):
-    missing = tmp_path / "missing.pt"
-    _assert_clean_error(run_cli("dfkd-distill", f"teacher.checkpoint={missing}", env=env),
-                        "checkpoint not found", "missing.pt")
-    wrong = tmp_path / "wrong.pt"
+    """Each bad input through the real command, each in a process of its own (``run_cli_many``)."""
     from dfkd.models import build_model
 
+    missing, wrong = tmp_path / "missing.pt", tmp_path / "wrong.pt"
     torch.save(build_model("small_cnn", num_classes=10, in_chans=1, width=8).state_dict(), wrong)
-    _assert_clean_error(run_cli("dfkd-distill", f"teacher.checkpoint={wrong}", env=env),
-                        "does not fit the model", "shape mismatch")
-    _assert_clean_error(run_cli("dfkd-distill", "student.model=vit_tiny_patch16_22", env=env),
-                        "unknown model", "vit_tiny_patch16_224")
-    _assert_clean_error(run_cli("dfkd-distill", "distill.lr=fast", env=env), "distill.lr")
-    _assert_clean_error(run_cli("dfkd-distill", "distill.optimizer=adan", env=env), "adamw", "sgd")
-    _assert_clean_error(run_cli("dfkd-distill", "synthesizer=deepinvrsion", env=env), "deepinversion")
-    _assert_clean_error(run_cli("dfkd-distill", "distill.roundz=3", env=env), "roundz")
-    _assert_clean_error(run_cli("dfkd-distill", "+synthesizer.iteratons=3", env=env),
-                        "iteratons", "iterations")
-    _assert_clean_error(run_cli("dfkd-distill", "device=tpu", env=env), "device")
+    cases = [
+        ([f"teacher.checkpoint={missing}"], ["checkpoint not found", "missing.pt"]),
+        ([f"teacher.checkpoint={wrong}"], ["does not fit the model", "shape mismatch"]),
+        (["student.model=vit_tiny_patch16_22"], ["unknown model", "vit_tiny_patch16_224"]),
+        (["distill.lr=fast"], ["distill.lr"]),
+        (["distill.optimizer=adan"], ["adamw", "sgd"]),
+        (["synthesizer=deepinvrsion"], ["deepinversion"]),
+        (["distill.roundz=3"], ["roundz"]),
+        (["+synthesizer.iteratons=3"], ["iteratons", "iterations"]),
+        (["device=tpu"], ["device"]),
+    ]
+    results = run_cli_many([("dfkd-distill", [*args, f"hydra.run.dir={tmp_path / f'r{i}'}"], env)
+                            for i, (args, _) in enumerate(cases)])
+    for (args, needles), r in zip(cases, results):
+        _assert_clean_error(r, *needles)
+    assert not (tmp_path / "cache" / "teachers").exists()  # every one found before a teacher was trained
 
 
 def test_batchnorm_method_on_vit_teacher_is_a_clean_error(tmp_path, env):
@@ -152,9 +179,9 @@ def test_train_teacher_command(tmp_path, env):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["top1"] > 0.5
 
 
-def test_channels_last_run(tmp_path, env):
+def test_channels_last_run(tmp_path, warm):
     run = tmp_path / "run"
     r = run_cli("dfkd-distill", *TINY, "student=small_cnn", "distill.channels_last=true", "distill.rounds=2",
-                f"hydra.run.dir={run}", env=env)
+                f"hydra.run.dir={run}", env=warm)
     assert r.returncode == 0, r.stderr
     assert json.loads((run / "summary.json").read_text())["student_top1"] == _top1_from_saved_student(run)
