@@ -160,5 +160,8 @@ def test_shared_checkpoint_top1_is_plausible(ashu, tmp_path):
     x = torch.from_numpy(d["images"][idx]).permute(0, 3, 1, 2).float() / 255.0
     y = torch.from_numpy(d["labels"][idx])
     with torch.no_grad():
-        top1 = (model(x).argmax(1) == y).float().mean().item()
-    assert 0.52 <= top1 <= 0.62, top1  # 56.97 % on the full test set
+        logits = model(x)
+    # 56.97 % on the full test set (5,697 correct); on this subset 566 correct and this mean
+    # cross-entropy (the reference tests/test_byo_teacher.py checks through dfkd-eval)
+    assert int((logits.argmax(1) == y).sum()) == 566
+    assert float(torch.nn.functional.cross_entropy(logits, y)) == pytest.approx(2.3179123, rel=2e-5)
