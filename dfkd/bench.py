@@ -19,6 +19,15 @@ from dfkd.models.checkpoint import atomic_write_bytes, atomic_write_json
 KIND = {"noise": "floor (not data-free)", "real": "ceiling (uses real train images)"}
 
 
+def hardware_line(hw: dict[str, Any]) -> str:
+    """The results files' hardware line: device, cores, torch and threads, platform, and the machine's load
+    when the figures were taken (wall-clock figures depend on it)."""
+    load = hw.get("load_average_1_5_15min")
+    return (f"- hardware: {hw.get('gpu') or 'CPU'}, {hw['cpu_count']} cores, torch {hw['torch']} "
+            f"({hw['cpu_threads']} threads), {hw['platform']}"
+            + (f"; load average {load[0]:g} / {load[1]:g} / {load[2]:g} (1 / 5 / 15 min) at the end" if load else ""))
+
+
 def compose(config_name: str, overrides: Sequence[str]):
     from hydra import compose as _compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -139,8 +148,7 @@ def write_results(name: str, title: str, out_dir: Path, rows: list[dict[str, Any
         f"# {title}",
         "",
         f"- command: `{result['command']}`",
-        f"- hardware: {hw.get('gpu') or 'CPU'}, {hw['cpu_count']} cores, torch {hw['torch']} "
-        f"({hw['cpu_threads']} threads), {hw['platform']}",
+        hardware_line(hw),
         f"- seeds: {', '.join(map(str, result['seeds']))}; total wall time {result['wall_seconds']:.0f} s",
         *(f"- {k}: {v}" for k, v in extra.items() if not isinstance(v, (dict, list))),
         "",

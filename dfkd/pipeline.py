@@ -436,6 +436,8 @@ def hardware() -> dict[str, Any]:
             "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+    if hasattr(os, "getloadavg"):  # other work on the machine changes wall-clock figures: say how much
+        info["load_average_1_5_15min"] = [round(x, 2) for x in os.getloadavg()]
     return info
 
 

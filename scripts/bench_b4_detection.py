@@ -153,7 +153,7 @@ def main(argv=None) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from dfkd.bench import plot_curves, redact_paths
+    from dfkd.bench import hardware_line, plot_curves, redact_paths
     from dfkd.detection.bench import canvas_teacher, side_by_side
     from dfkd.eval.detection import evaluate_detector
     from dfkd.models.checkpoint import atomic_write_bytes, atomic_write_json
@@ -325,8 +325,7 @@ def main(argv=None) -> None:
         f"# B4 — detection ({args.source} canvases), side by side",
         "",
         f"- command: `{result['command']}`",
-        f"- hardware: {hw.get('gpu') or 'CPU'}, {hw['cpu_count']} cores, torch {hw['torch']} "
-        f"({hw['cpu_threads']} threads), {hw['platform']}",
+        hardware_line(hw),
         f"- seeds: {', '.join(map(str, args.seeds))}; total wall time {wall:.0f} s "
         f"(teacher {'cached' if cached else f'trained in {teacher_seconds:.0f} s'})",
         f"- canvases: {size}×{size} px, {objects[0]}–{objects[1]} objects of {obj_px[0]}–{obj_px[1]} px on "

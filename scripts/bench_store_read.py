@@ -30,6 +30,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     t_start = time.perf_counter()
 
+    from dfkd.bench import hardware_line
     from dfkd.data.store import SyntheticStore, export_image_folder, read_image_folder, to_float
     from dfkd.models import build_model
     from dfkd.models.checkpoint import atomic_write_bytes, atomic_write_json
@@ -92,8 +93,7 @@ def main(argv=None) -> None:
         "# Reading a stored synthetic dataset vs PNG files",
         "",
         f"- command: `{result['command']}`",
-        f"- hardware: {hw.get('gpu') or 'CPU'}, {hw['cpu_count']} cores, torch {hw['torch']} "
-        f"({hw['cpu_threads']} threads), {hw['platform']}",
+        hardware_line(hw),
         f"- {args.num} images of {c}x{s}x{s} (uint8), best of {args.repeats}; total wall time {result['wall_seconds']:.0f} s",
         f"- {result['note']}",
         "",
