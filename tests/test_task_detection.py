@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -161,36 +160,48 @@ def _cmd(setup, out, steps):
             "data.name=none", f"hydra.run.dir={out}"]
 
 
+# Runs dfkd-distill and SIGKILLs its own process right after a checkpoint at step 4 or later is on
+# disk: the kill lands at the same point on every run, however fast or loaded the machine is.
+_KILL_AFTER_STEP_4 = """
+import io, os, signal, sys
+import torch
+import dfkd.models.checkpoint as ck
+
+def write_then_die(path, data):
+    write(path, data)
+    if os.path.basename(str(path)) == "checkpoint.pt" and torch.load(io.BytesIO(data), weights_only=True)["run"]["step"] >= 4:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+write = ck.atomic_write_bytes
+ck.atomic_write_bytes = write_then_die
+from dfkd.cli.distill import main
+sys.argv = ["dfkd-distill", *sys.argv[1:]]
+main()
+"""
+
+
 def test_sigkill_then_resume_equals_uninterrupted(setup, tmp_path):
     """Killed mid-run (SIGKILL: no handler runs), the same command continues from the last saved round
     and ends with the same student as a run that was never interrupted."""
     from safetensors.torch import load_file
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    steps = 24
+    steps = 8  # 4 rounds of 2 steps, a checkpoint after each; killed after the second
     out = tmp_path / "killed"
-    p = subprocess.Popen(_cmd(setup, out, steps), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE)
+    cmd = _cmd(setup, out, steps)
+    killed = subprocess.run([sys.executable, "-c", _KILL_AFTER_STEP_4, *cmd[3:]], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     ckpt = out / "checkpoint.pt"
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline and p.poll() is None:
-            lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").is_file() else []
-            if ckpt.is_file() and len(lines) >= 3:
-                break
-            time.sleep(0.05)
-    finally:
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-    assert ckpt.is_file(), p.stderr.read().decode()[-2000:]
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)["run"]["step"]
-    assert 0 < saved < steps and not (out / "summary.json").exists(), "the run ended before it was killed"
-    run = subprocess.run(_cmd(setup, out, steps), env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert saved == 4 and not (out / "summary.json").exists()
+    assert [json.loads(x)["round"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    run = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert f"resuming {out} at step {saved}" in run.stderr
     assert json.loads((out / "summary.json").read_text())["steps"] == steps
     rounds = [json.loads(x)["round"] for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert rounds[-1] == steps // 2 and rounds[: saved // 2] == list(range(1, saved // 2 + 1))
+    assert rounds == [1, 2, 3, 4]
 
     from dfkd.pipeline import run_distill
 
