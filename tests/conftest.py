@@ -129,6 +129,9 @@ calls = json.loads(sys.stdin.read())
 # paid once, before any fork (sklearn: the built-in digits; about as slow to import as torch)
 import torch, hydra, omegaconf, timm, sklearn.datasets, sklearn.model_selection  # noqa: E401,F401
 import dfkd.cli.common, dfkd.pipeline, generators  # noqa: E401,F401
+import importlib
+for name in PRELOAD:
+    importlib.import_module(name)
 results = []
 for c in calls:
     out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
@@ -174,12 +177,13 @@ sys.stdout.write(json.dumps(results))
 """
 
 
-def run_cli_many(calls: list[tuple], timeout: int = 300) -> list[subprocess.CompletedProcess]:
+def run_cli_many(calls: list[tuple], timeout: int = 300, preload: tuple[str, ...] = ()) -> list[subprocess.CompletedProcess]:
     """Several console commands, each in a process of its own forked from one that paid the imports
     once (see ``_FORK_RUNNER``). ``calls``: ``(command, [args...])`` or ``(command, [args...], env)``
     with ``command`` a console command (``dfkd-distill``) or a module (``dfkd.models.convert``); the
     env adds to this process's, as :func:`run_cli`'s does. Results come back in order, as
-    ``CompletedProcess`` objects (``returncode`` ``"timeout"`` for a command killed after ``timeout`` s)."""
+    ``CompletedProcess`` objects (``returncode`` ``"timeout"`` for a command killed after ``timeout`` s).
+    ``preload``: more modules to import before the forks (``diffusers`` for the diffusion commands)."""
     import json
 
     jobs = []
@@ -188,7 +192,8 @@ def run_cli_many(calls: list[tuple], timeout: int = 300) -> list[subprocess.Comp
         jobs.append({"module": COMMANDS.get(command, command), "args": [str(a) for a in args],
                      "env": {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, "cwd": str(ROOT),
                      "timeout": timeout})
-    r = subprocess.run([sys.executable, "-c", _FORK_RUNNER], input=json.dumps(jobs), capture_output=True, text=True,
+    runner = _FORK_RUNNER.replace("PRELOAD", repr(tuple(preload)))
+    r = subprocess.run([sys.executable, "-c", runner], input=json.dumps(jobs), capture_output=True, text=True,
                        cwd=str(ROOT), timeout=timeout * len(jobs) + 60)
     if r.returncode != 0:
         raise RuntimeError(f"the command runner failed: {r.stderr[-3000:]}")

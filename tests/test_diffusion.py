@@ -210,7 +210,7 @@ def test_train_diffusion_saves_plain_diffusers_and_resumes(tmp_path):
 
 def test_commands_end_to_end(tmp_path, cache_dir):
     """dfkd-synthesize → dfkd-train-diffusion → dfkd-distill synthesizer=diffusion, tiny."""
-    from conftest import run_cli
+    from conftest import run_cli_many
 
     from dfkd.bench import compose
     from dfkd.cli.synthesize import run_synthesize
@@ -222,7 +222,13 @@ def test_commands_end_to_end(tmp_path, cache_dir):
                                           "synthesizer.iterations=5", "synthesizer.batch_size=64"]))
     args = [f"dataset={ds}", f"output={model}", "steps=4", "batch_size=16", "widths=[8,16]", "progress=false",
             "threads=1", "device=cpu"]
-    r = run_cli("dfkd-train-diffusion", *args, env={"DFKD_CACHE": str(cache_dir)})
+    # the training command, then two bad inputs: each in a process of its own, one after the other
+    bad_inputs = [([f"dataset={tmp_path / 'nope'}", f"output={model}"], "not found"),
+                  ([f"dataset={ds}", f"output={model}", "widths=[8,12]"], "divisible")]
+    env = {"DFKD_CACHE": str(cache_dir)}
+    r, *bad_runs = run_cli_many([("dfkd-train-diffusion", args, env)]
+                                + [("dfkd-train-diffusion", [*bad, "progress=false"], env) for bad, _ in bad_inputs],
+                                preload=("diffusers",))
     assert r.returncode == 0, r.stderr
     assert "4 steps" in r.stdout and (model / "unet" / "config.json").is_file()
     summary = run_distill(compose("distill", [
@@ -249,9 +255,7 @@ def test_commands_end_to_end(tmp_path, cache_dir):
         pred = net.eval()((x - mean) / std).argmax(1)
     assert summary["student_top1"] == pytest.approx(float((pred == y).float().mean()), abs=1e-6)
     # bad input: one line, exit 2
-    for bad, needle in [([f"dataset={tmp_path / 'nope'}", f"output={model}"], "not found"),
-                        ([f"dataset={ds}", f"output={model}", "widths=[8,12]"], "divisible")]:
-        r = run_cli("dfkd-train-diffusion", *bad, "progress=false", env={"DFKD_CACHE": str(cache_dir)})
+    for (_, needle), r in zip(bad_inputs, bad_runs):
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
 
 
