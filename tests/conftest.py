@@ -117,38 +117,47 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subproce
                           env=full_env, timeout=timeout, cwd=str(ROOT))
 
 
-# One interpreter imports what every command imports (torch, hydra, scikit-learn, the package: about
-# 5 s of CPU a process, nearly all of what a command that stops at a bad input costs), then forks one child per
-# command. Each child is a process of its own, in the state a fresh ``python -m MODULE`` reaches
-# after those imports: it takes the command's environment, folder and arguments, runs the module as
-# ``__main__`` (the console command's own ``main()``) and exits with its status; its stdout and
-# stderr (the file descriptors, so log handlers and warnings are caught too) come back separately.
-_FORK_RUNNER = r"""
-import json, os, runpy, signal, sys, tempfile, time, traceback
-calls = json.loads(sys.stdin.read())
-# paid once, before any fork (sklearn: the built-in digits; about as slow to import as torch)
+# One interpreter (started once per test session, on first use) imports what every command imports
+# (torch, hydra, scikit-learn, the package: about 5 s of CPU a process, nearly all of what a command
+# that stops at a bad input costs, and most of a tiny run's), then forks one child per command. Each
+# child is a process of its own, in the state a fresh ``python -m MODULE`` reaches after those
+# imports: it takes the command's environment, folder and arguments (PYTHONPATH applied to
+# sys.path), runs the module as ``__main__`` (the console command's own ``main()``), a script, or
+# ``python -c`` code, and exits with its status (a signal that kills it shows as ``-signal``, as with
+# subprocess); its stdout and stderr (the file descriptors, so log handlers and warnings are caught
+# too) come back separately. The server handles one command at a time, in the order given.
+_FORK_SERVER = r"""
+import importlib, json, os, runpy, signal, sys, tempfile, time, traceback
 import torch, hydra, omegaconf, timm, sklearn.datasets, sklearn.model_selection  # noqa: E401,F401
 import dfkd.cli.common, dfkd.pipeline, generators  # noqa: E401,F401
-import importlib
-for name in PRELOAD:
-    importlib.import_module(name)
-results = []
-for c in calls:
+reply = os.fdopen(os.dup(1), "w")
+os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # nothing but replies on the reply pipe
+for line in sys.stdin:
+    c = json.loads(line)
+    for name in c.get("preload", ()):  # imported here once, then inherited by every later child
+        importlib.import_module(name)
     out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
     sys.stdout.flush(); sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
-            null = os.open(os.devnull, os.O_RDONLY)
-            os.dup2(null, 0); os.dup2(out.fileno(), 1); os.dup2(err.fileno(), 2)
+            reply.close()  # the reply pipe is the server's alone
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 0); os.dup2(out.fileno(), 1); os.dup2(err.fileno(), 2)
             os.environ.clear(); os.environ.update(c["env"])
             os.chdir(c["cwd"])
-            extra = [p for p in c["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
-            sys.path[:0] = extra  # what PYTHONPATH does at interpreter start
-            sys.argv = [c["module"], *c["args"]]
+            sys.path[:0] = [p for p in c["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
             try:
-                runpy.run_module(c["module"], run_name="__main__", alter_sys=True)
+                if "module" in c:
+                    sys.argv = [c["module"], *c["args"]]
+                    runpy.run_module(c["module"], run_name="__main__", alter_sys=True)
+                elif "script" in c:
+                    sys.argv = [c["script"], *c["args"]]
+                    sys.path.insert(0, os.path.dirname(c["script"]))
+                    runpy.run_path(c["script"], run_name="__main__")
+                else:
+                    sys.argv = ["-c", *c["args"]]
+                    exec(compile(c["code"], "<string>", "exec"), {"__name__": "__main__"})
                 code = 0
             except SystemExit as e:
                 if e.code is None or isinstance(e.code, int):
@@ -171,31 +180,68 @@ for c in calls:
             os.kill(pid, signal.SIGKILL); os.waitpid(pid, 0); rc = "timeout"; break
         time.sleep(0.02)
     out.seek(0); err.seek(0)
-    results.append({"returncode": rc, "stdout": out.read().decode(errors="replace"),
-                    "stderr": err.read().decode(errors="replace")})
-sys.stdout.write(json.dumps(results))
+    reply.write(json.dumps({"returncode": rc, "stdout": out.read().decode(errors="replace"),
+                            "stderr": err.read().decode(errors="replace")}) + "\n")
+    reply.flush()
+    out.close(); err.close()
 """
+
+_server: dict = {}
+
+
+def _fork_server() -> subprocess.Popen:
+    p = _server.get("proc")
+    if p is None or p.poll() is not None:
+        import atexit
+        import tempfile
+
+        log = tempfile.TemporaryFile()
+        p = subprocess.Popen([sys.executable, "-c", _FORK_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=log, text=True, cwd=str(ROOT))
+        _server.update(proc=p, log=log)
+        atexit.register(lambda: p.stdin.close() if p.poll() is None else None)
+    return p
+
+
+def _forked(job: dict, timeout: int, inherit_env: bool = True) -> dict:
+    import json
+
+    p = _fork_server()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(job.get("env") or {})} if inherit_env else dict(job["env"])
+    job = {**job, "env": env, "cwd": str(ROOT), "timeout": timeout}
+    p.stdin.write(json.dumps(job) + "\n")
+    p.stdin.flush()
+    line = p.stdout.readline()
+    if not line:
+        log = _server["log"]
+        log.seek(0)
+        raise RuntimeError(f"the command server died: {log.read().decode(errors='replace')[-3000:]}")
+    return json.loads(line)
+
+
+def run_forked(*args: str, env: dict | None = None, timeout: int = 300, code: str | None = None,
+               script: str | os.PathLike | None = None, preload: tuple[str, ...] = (),
+               inherit_env: bool = True) -> subprocess.CompletedProcess:
+    """Like :func:`run_cli` (``args[0]``: a console command such as ``dfkd-distill``, or a module), in a
+    process forked from the command server (see ``_FORK_SERVER``) instead of a fresh interpreter.
+    With ``code=``: ``python -c code *args``; with ``script=``: ``python script *args``.
+    ``preload``: modules the server imports before this fork and keeps (``diffusers``).
+    ``inherit_env=False``: ``env`` is the whole environment, not additions to this process's."""
+    if code is not None:
+        job = {"code": code, "args": [str(a) for a in args]}
+    elif script is not None:
+        job = {"script": str(script), "args": [str(a) for a in args]}
+    else:
+        job = {"module": COMMANDS.get(args[0], args[0]), "args": [str(a) for a in args[1:]]}
+    x = _forked({**job, "env": env, "preload": list(preload)}, timeout, inherit_env)
+    argv = [job.get("module") or job.get("script") or "-c", *job["args"]]
+    return subprocess.CompletedProcess(argv, x["returncode"], x["stdout"], x["stderr"])
 
 
 def run_cli_many(calls: list[tuple], timeout: int = 300, preload: tuple[str, ...] = ()) -> list[subprocess.CompletedProcess]:
-    """Several console commands, each in a process of its own forked from one that paid the imports
-    once (see ``_FORK_RUNNER``). ``calls``: ``(command, [args...])`` or ``(command, [args...], env)``
-    with ``command`` a console command (``dfkd-distill``) or a module (``dfkd.models.convert``); the
-    env adds to this process's, as :func:`run_cli`'s does. Results come back in order, as
-    ``CompletedProcess`` objects (``returncode`` ``"timeout"`` for a command killed after ``timeout`` s).
-    ``preload``: more modules to import before the forks (``diffusers`` for the diffusion commands)."""
-    import json
-
-    jobs = []
-    for call in calls:
-        command, args, env = (*call, None)[:3]
-        jobs.append({"module": COMMANDS.get(command, command), "args": [str(a) for a in args],
-                     "env": {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, "cwd": str(ROOT),
-                     "timeout": timeout})
-    runner = _FORK_RUNNER.replace("PRELOAD", repr(tuple(preload)))
-    r = subprocess.run([sys.executable, "-c", runner], input=json.dumps(jobs), capture_output=True, text=True,
-                       cwd=str(ROOT), timeout=timeout * len(jobs) + 60)
-    if r.returncode != 0:
-        raise RuntimeError(f"the command runner failed: {r.stderr[-3000:]}")
-    return [subprocess.CompletedProcess([j["module"], *j["args"]], x["returncode"], x["stdout"], x["stderr"])
-            for j, x in zip(jobs, json.loads(r.stdout))]
+    """Several console commands, one after the other, each through :func:`run_forked`. ``calls``:
+    ``(command, [args...])`` or ``(command, [args...], env)`` with ``command`` a console command
+    (``dfkd-distill``) or a module (``dfkd.models.convert``); the env adds to this process's, as
+    :func:`run_cli`'s does. ``returncode`` is ``"timeout"`` for a command killed after ``timeout`` s."""
+    return [run_forked(command, *args, env=env, timeout=timeout, preload=preload)
+            for command, args, env in ((*c, None)[:3] for c in calls)]

@@ -1,16 +1,17 @@
-"""The commands users run: the default end to end (tiny), resume, and bad input → one line, exit 2."""
+"""The commands users run: the default end to end (tiny), resume, and bad input → one line, exit 2.
+
+The end-to-end test starts its commands as fresh interpreters (``run_cli``); the others run theirs in
+processes forked from the command server (``run_forked``: the imports paid once, each command still
+a process of its own running the console module as ``__main__``).
+"""
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-from conftest import ROOT, run_cli, run_cli_many
+from conftest import run_cli, run_cli_many, run_forked
 
 TINY = [
     "teacher.train.epochs=3", "distill.rounds=4", "distill.kd_steps=2", "distill.eval_every=2",
@@ -71,9 +72,9 @@ def test_default_run_end_to_end(tmp_path, env):
 
 def test_finished_run_extends_on_resume(tmp_path, warm):
     run = tmp_path / "run"
-    assert run_cli("dfkd-distill", *TINY, f"hydra.run.dir={run}", env=warm).returncode == 0
+    assert run_forked("dfkd-distill", *TINY, f"hydra.run.dir={run}", env=warm).returncode == 0
     first = (run / "metrics.jsonl").read_text().splitlines()
-    r = run_cli("dfkd-distill", *TINY, "distill.rounds=6", f"hydra.run.dir={run}", env=warm)
+    r = run_forked("dfkd-distill", *TINY, "distill.rounds=6", f"hydra.run.dir={run}", env=warm)
     assert r.returncode == 0, r.stderr
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["round"] for x in lines] == [1, 2, 3, 4, 5, 6]
@@ -106,16 +107,13 @@ def test_sigkill_then_resume_finishes(tmp_path, warm):
     there: rounds 1-3 are not run again and the run ends at round 6."""
     run = tmp_path / "run"
     args = [a for a in TINY if not a.startswith("distill.rounds")] + ["distill.rounds=6", f"hydra.run.dir={run}"]
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **warm}
-    killed = subprocess.run([sys.executable, "-c", _KILL_AFTER_ROUND_3, *args], env=full_env, cwd=str(ROOT),
-                            capture_output=True, text=True, timeout=300)
+    killed = run_forked(*args, code=_KILL_AFTER_ROUND_3, env=warm)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert torch.load(run / "checkpoint.pt", weights_only=True)["round"] == 3
     assert not (run / "summary.json").exists()
     before = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["round"] for x in before] == [1, 2, 3]
-    r = subprocess.run([sys.executable, "-m", "dfkd.cli.distill", *args], env=full_env, cwd=str(ROOT),
-                       capture_output=True, text=True, timeout=300)
+    r = run_forked("dfkd-distill", *args, env=warm)
     assert r.returncode == 0, r.stderr
     out = r.stdout + r.stderr  # a line per evaluation (every 2nd round): 4 and 6 ran, 2 did not run again
     assert "round 4/6" in out and "round 6/6" in out and "round 2/6" not in out, out[-2000:]
@@ -167,12 +165,12 @@ def test_batchnorm_method_on_vit_teacher_is_a_clean_error(tmp_path, env):
     overrides = ["teacher=timm", "teacher.model=vit_tiny_patch16_224", f"teacher.checkpoint={ckpt}",
                  "synthesizer.prior=batchnorm"]
     overrides += [f"+teacher.kwargs.{k}={v}" for k, v in kw.items() if k != "num_classes"]
-    _assert_clean_error(run_cli("dfkd-distill", *overrides, env=env), "no BatchNorm")
+    _assert_clean_error(run_forked("dfkd-distill", *overrides, env=env), "no BatchNorm")
 
 
 def test_train_teacher_command(tmp_path, env):
     out = tmp_path / "t.safetensors"
-    r = run_cli("dfkd-train-teacher", "teacher.train.epochs=2", f"output={out}", "progress=false",
+    r = run_forked("dfkd-train-teacher", "teacher.train.epochs=2", f"output={out}", "progress=false",
                 f"hydra.run.dir={tmp_path / 'run'}", env=env)
     assert r.returncode == 0, r.stderr
     assert out.is_file() and out.with_suffix(".json").is_file()
@@ -181,7 +179,7 @@ def test_train_teacher_command(tmp_path, env):
 
 def test_channels_last_run(tmp_path, warm):
     run = tmp_path / "run"
-    r = run_cli("dfkd-distill", *TINY, "student=small_cnn", "distill.channels_last=true", "distill.rounds=2",
+    r = run_forked("dfkd-distill", *TINY, "student=small_cnn", "distill.channels_last=true", "distill.rounds=2",
                 f"hydra.run.dir={run}", env=warm)
     assert r.returncode == 0, r.stderr
     assert json.loads((run / "summary.json").read_text())["student_top1"] == _top1_from_saved_student(run)
