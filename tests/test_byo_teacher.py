@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, run_cli_many
+from conftest import ROOT, run_cli_many, run_forked
 
 TINY = ["distill.rounds=2", "distill.kd_steps=3", "distill.eval_every=1", "distill.batch_size=16",
         "synthesizer.iterations=2", "synthesizer.batch_size=8", "progress=false", "threads=1"]
@@ -115,8 +115,8 @@ def test_data_none_is_purely_data_free(tmp_path):
     ckpt = tmp_path / "last.pth.tar"
     timm_training_checkpoint(ckpt)
     run = tmp_path / "run"
-    r = cli("dfkd.cli.distill", "teacher=timm", "teacher.model=vit_tiny_patch16_224", f"teacher.checkpoint={ckpt}",
-            "data=none", *TINY, f"hydra.run.dir={run}")
+    r = run_forked("dfkd-distill", "teacher=timm", "teacher.model=vit_tiny_patch16_224", f"teacher.checkpoint={ckpt}",
+                   "data=none", *TINY, f"hydra.run.dir={run}")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "no test data" in r.stdout
     s = json.loads((run / "summary.json").read_text())

@@ -2,12 +2,9 @@
 built, and the CI rule that a data test may not skip when the shared data is there."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT
 from dfkd.errors import DfkdError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -66,10 +63,13 @@ def test_distill_reports_a_missing_synthesizer_path_before_the_teacher(no_teache
 
 
 def _pytest(*args, **env):
+    """``python -m pytest ARGS`` in a process of its own (forked from the command server: torch is
+    already imported), with this environment less the data variables, plus ``env``."""
+    from conftest import run_forked
+
     full = {k: v for k, v in os.environ.items() if k not in ("DFKD_DATA", "DFKD_REQUIRE_DATA")}
     full.update(env)
-    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args], cwd=str(ROOT),
-                          env=full, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    return run_forked("pytest", "-p", "no:cacheprovider", *args, env=full, inherit_env=False, timeout=120)
 
 
 def test_a_data_test_that_skips_fails_when_the_data_is_required(tmp_path):

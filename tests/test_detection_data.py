@@ -351,20 +351,17 @@ def test_bad_paths_are_one_line_errors(tmp_path):
 
 
 def test_build_script(tmp_path):
-    import subprocess
-    import sys
+    from conftest import ROOT, run_forked  # each run a process of its own, forked from the command server
 
-    from conftest import ROOT
-
-    script = str(ROOT / "scripts" / "build_detection_set.py")
-    ok = subprocess.run([sys.executable, script, "--source", "digits", "--out", str(tmp_path / "set"), "--train", "4",
-                         "--test", "3", "--canvas-size", "32"], capture_output=True, text=True, timeout=120)
+    script = ROOT / "scripts" / "build_detection_set.py"
+    ok = run_forked("--source", "digits", "--out", tmp_path / "set", "--train", "4", "--test", "3",
+                    "--canvas-size", "32", script=script, timeout=120)
     assert ok.returncode == 0, ok.stderr
     paths = ok.stdout.split()
     assert paths == [str(tmp_path / "set" / s / "annotations.json") for s in ("train", "test")]
     assert len(load_detection(tmp_path / "set" / "test")) == 3
-    bad = subprocess.run([sys.executable, script, "--source", "cifar10", "--out", str(tmp_path / "c"),
-                          "--root", str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
+    bad = run_forked("--source", "cifar10", "--out", tmp_path / "c", "--root", tmp_path / "nope", script=script,
+                     timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "build_detection_set: error:" in bad.stderr
 
 

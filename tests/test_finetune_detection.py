@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, shared_data
+from conftest import shared_data
 
 COMMAND = [sys.executable, "-m", "dfkd.cli.finetune_detection"]
 LUMA = torch.tensor([0.299, 0.587, 0.114])
@@ -23,9 +23,11 @@ VIT_KW = {"num_classes": 10, "img_size": 8, "patch_size": 4, "in_chans": 1, "emb
 
 
 def run_script(*args, timeout=240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*COMMAND, *map(str, args), "--no-progress", "--threads", "1"],
-                          capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+    """The command in a process of its own, forked from the command server (torch already imported)."""
+    from conftest import run_forked
+
+    return run_forked("dfkd.cli.finetune_detection", *args, "--no-progress", "--threads", "1",
+                      env={"OMP_NUM_THREADS": "1"}, timeout=timeout)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

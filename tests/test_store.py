@@ -3,13 +3,11 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import run_forked
 from dfkd.data.store import (StoreWriter, SyntheticStore, export_image_folder, import_image_folder,
                              state_dict_sha256, teacher_identity)
 from dfkd.errors import DfkdError
@@ -216,15 +214,13 @@ def test_sigkill_synthesize_then_rerun_completes(tmp_path, capsys):
     ds = tmp_path / "ds"
     args = [f"teacher.checkpoint={ckpt}", f"output={ds}", "num_images=40", "shard_size=4",
             "synthesizer.iterations=8", "synthesizer.batch_size=4", "progress=false", "threads=1", "device=cpu"]
-    cmd = [sys.executable, "-m", "dfkd.cli.synthesize", *args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    killed = subprocess.run([sys.executable, "-c", _KILL_MID_SHARD, *args], env=env, cwd=str(ROOT),
-                            capture_output=True, text=True, timeout=300)
+    env = {"OMP_NUM_THREADS": "1"}
+    killed = run_forked(*args, code=_KILL_MID_SHARD, env=env)  # each command a process of its own
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (ds / "manifest.json").exists()
     assert sorted(p.name for p in (ds / "shards").glob("shard-*.json")) == [f"shard-0000{i}.json" for i in range(3)]
     assert len(list((ds / "shards").glob(".shard-00003.safetensors.*.tmp"))) == 1  # the half-written shard
-    r = subprocess.run(cmd, env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=300)
+    r = run_forked("dfkd-synthesize", *args, env=env)
     assert r.returncode == 0, r.stderr
     assert "40 images, complete; 28 made" in r.stdout, r.stdout  # the three finished shards were kept
     store = SyntheticStore(ds)  # verify=True: every shard passes its checksum
@@ -254,6 +250,6 @@ def test_sigkill_synthesize_then_rerun_completes(tmp_path, capsys):
     inspect_fails("truncated", "shard-00004")
     (ds / "shards" / "shard-00004.safetensors").write_bytes(blob)
     other = _teacher_ckpt(tmp_path, "other", seed=1)
-    _one_line_exit_2(run_cli("dfkd-distill", "synthesizer=stored", f"synthesizer.path={ds}",
-                             f"teacher.checkpoint={other}", f"hydra.run.dir={tmp_path / 'run'}"),
+    _one_line_exit_2(run_forked("dfkd-distill", "synthesizer=stored", f"synthesizer.path={ds}",
+                                f"teacher.checkpoint={other}", f"hydra.run.dir={tmp_path / 'run'}"),
                      "another teacher")

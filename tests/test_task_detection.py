@@ -7,9 +7,7 @@ every module's train/eval mode as it was.
 """
 
 import json
-import os
 import signal
-import subprocess
 import sys
 
 import pytest
@@ -17,7 +15,6 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from conftest import ROOT
 from dfkd.errors import DfkdError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -149,9 +146,9 @@ def test_bad_input_is_one_clear_error(setup, tmp_path, overrides, message):
 
 
 def test_cli_error_is_one_line(setup):
-    from conftest import run_cli
+    from conftest import run_forked
 
-    r = run_cli("dfkd-distill", "task=detection", "synthesizer=deepinversion", "threads=1")
+    r = run_forked("dfkd-distill", "task=detection", "synthesizer=deepinversion", "threads=1")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "task=detection" in r.stderr, r.stderr
 
 
@@ -185,18 +182,19 @@ def test_sigkill_then_resume_equals_uninterrupted(setup, tmp_path):
     and ends with the same student as a run that was never interrupted."""
     from safetensors.torch import load_file
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    from conftest import run_forked
+
+    env = {"OMP_NUM_THREADS": "1"}
     steps = 8  # 4 rounds of 2 steps, a checkpoint after each; killed after the second
     out = tmp_path / "killed"
     cmd = _cmd(setup, out, steps)
-    killed = subprocess.run([sys.executable, "-c", _KILL_AFTER_STEP_4, *cmd[3:]], env=env, cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
+    killed = run_forked(*cmd[3:], code=_KILL_AFTER_STEP_4, env=env)  # each command a process of its own
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     ckpt = out / "checkpoint.pt"
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)["run"]["step"]
     assert saved == 4 and not (out / "summary.json").exists()
     assert [json.loads(x)["round"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
-    run = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    run = run_forked("dfkd-distill", *cmd[3:], env=env)
     assert run.returncode == 0, run.stderr[-2000:]
     assert f"resuming {out} at step {saved}" in run.stderr
     assert json.loads((out / "summary.json").read_text())["steps"] == steps
