@@ -54,6 +54,15 @@ def any_flag(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def max_value(x: float, device: torch.device) -> float:
+    """The largest ``x`` over the ranks (one small all-reduce), e.g. a wall time every rank must agree on."""
+    if world_size() == 1:
+        return float(x)
+    t = torch.tensor([float(x)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def gather_objects(obj: Any) -> list[Any]:
     if world_size() == 1:
         return [obj]

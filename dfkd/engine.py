@@ -238,7 +238,10 @@ class Engine:
         return D.any_flag(flag, self.device) if self.distributed else flag
 
     def set_lr(self) -> float:
-        self.lr = self.schedule.lr_at(self.done, self.wall())
+        wall = self.wall()
+        if self.distributed and self.schedule.budget_seconds is not None:
+            wall = D.max_value(wall, self.device)  # every rank must set the same rate, or the replicas drift
+        self.lr = self.schedule.lr_at(self.done, wall)
         for g in self.optimizer.param_groups:
             g["lr"] = self.lr * g.get("lr_scale", 1.0)
         return self.lr
