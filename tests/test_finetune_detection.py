@@ -252,7 +252,7 @@ def test_ctrl_c_saves_and_exits_130(canvases, small_cnn_run, tmp_path):
             time.sleep(0.2)
         assert p.poll() is None, p.stderr.read()
         p.send_signal(signal.SIGINT)
-        _, err = p.communicate(timeout=60)
+        _, err = p.communicate(timeout=180)  # a loaded CI machine: the exit includes saving and scoring
     finally:
         if p.poll() is None:
             p.kill()
