@@ -125,18 +125,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except Exception as e:  # noqa: BLE001 - user errors are one line, the rest re-raised
-        from dfkd.errors import DfkdError
+    from dfkd.cli.common import run_script
 
-        if not isinstance(e, DfkdError):
-            raise
-        from dfkd.cli.common import one_line
-
-        print(f"{PROG}: error: {one_line(str(e))}", file=sys.stderr)
-        return 2
+    return run_script(PROG, run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,18 @@ def one_line(message: str) -> str:
     return "; ".join(parts) if parts else "error"
 
 
+def run_script(prog: str, run, *args) -> int:
+    """``run(*args)``'s exit code, with a :class:`DfkdError` as one ``prog: error: ...`` line on stderr and
+    exit code 2 (the benchmark scripts' ``main``); any other exception propagates."""
+    from dfkd.errors import DfkdError
+
+    try:
+        return run(*args)
+    except DfkdError as e:
+        print(f"{prog}: error: {one_line(str(e))}", file=sys.stderr)
+        return EXIT_USAGE
+
+
 def fail(prog: str, message: str, code: int = EXIT_USAGE) -> None:
     print(f"{prog}: error: {one_line(message)}", file=sys.stderr)
     sys.exit(code)
