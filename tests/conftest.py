@@ -245,3 +245,27 @@ def run_cli_many(calls: list[tuple], timeout: int = 300, preload: tuple[str, ...
     :func:`run_cli`'s does. ``returncode`` is ``"timeout"`` for a command killed after ``timeout`` s."""
     return [run_forked(command, *args, env=env, timeout=timeout, preload=preload)
             for command, args, env in ((*c, None)[:3] for c in calls)]
+
+
+def kill_after_checkpoint(condition: str) -> str:
+    """Code for :func:`run_forked`: run dfkd-distill and SIGKILL its own process right after a
+    ``checkpoint.pt`` whose saved state ``st`` satisfies ``condition`` (a Python expression) is on disk,
+    so the kill lands at the same point on every run, however fast or loaded the machine is."""
+    return f"""
+import io, os, signal, sys
+import torch
+import dfkd.models.checkpoint as ck
+
+def write_then_die(path, data):
+    write(path, data)
+    if os.path.basename(str(path)) == "checkpoint.pt":
+        st = torch.load(io.BytesIO(data), weights_only=True)
+        if {condition}:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+write = ck.atomic_write_bytes
+ck.atomic_write_bytes = write_then_die
+from dfkd.cli.distill import main
+sys.argv = ["dfkd-distill", *sys.argv[1:]]
+main()
+"""

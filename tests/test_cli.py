@@ -11,7 +11,7 @@ import signal
 import pytest
 import torch
 
-from conftest import run_cli, run_cli_many, run_forked
+from conftest import kill_after_checkpoint, run_cli, run_cli_many, run_forked
 
 TINY = [
     "teacher.train.epochs=3", "distill.rounds=4", "distill.kd_steps=2", "distill.eval_every=2",
@@ -82,24 +82,8 @@ def test_finished_run_extends_on_resume(tmp_path, warm):
     assert "round 6/6" in r.stdout + r.stderr and "round 2/6" not in r.stdout + r.stderr
 
 
-# Runs dfkd-distill and SIGKILLs its own process right after the round-3 checkpoint is on disk: the
-# kill lands at the same point on every run, however fast or loaded the machine is.
-_KILL_AFTER_ROUND_3 = """
-import io, os, signal, sys
-import torch
-import dfkd.models.checkpoint as ck
-
-def write_then_die(path, data):
-    write(path, data)
-    if os.path.basename(str(path)) == "checkpoint.pt" and torch.load(io.BytesIO(data), weights_only=True)["round"] >= 3:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-write = ck.atomic_write_bytes
-ck.atomic_write_bytes = write_then_die
-from dfkd.cli.distill import main
-sys.argv = ["dfkd-distill", *sys.argv[1:]]
-main()
-"""
+# Runs dfkd-distill and SIGKILLs its own process right after the round-3 checkpoint is on disk.
+_KILL_AFTER_ROUND_3 = kill_after_checkpoint('st["round"] >= 3')
 
 
 def test_sigkill_then_resume_finishes(tmp_path, warm):

@@ -157,24 +157,11 @@ def _cmd(setup, out, steps):
             "data.name=none", f"hydra.run.dir={out}"]
 
 
-# Runs dfkd-distill and SIGKILLs its own process right after a checkpoint at step 4 or later is on
-# disk: the kill lands at the same point on every run, however fast or loaded the machine is.
-_KILL_AFTER_STEP_4 = """
-import io, os, signal, sys
-import torch
-import dfkd.models.checkpoint as ck
+# Runs dfkd-distill and SIGKILLs its own process right after a checkpoint at step 4 or later is on disk.
+def _kill_after_step_4() -> str:
+    from conftest import kill_after_checkpoint
 
-def write_then_die(path, data):
-    write(path, data)
-    if os.path.basename(str(path)) == "checkpoint.pt" and torch.load(io.BytesIO(data), weights_only=True)["run"]["step"] >= 4:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-write = ck.atomic_write_bytes
-ck.atomic_write_bytes = write_then_die
-from dfkd.cli.distill import main
-sys.argv = ["dfkd-distill", *sys.argv[1:]]
-main()
-"""
+    return kill_after_checkpoint('st["run"]["step"] >= 4')
 
 
 def test_sigkill_then_resume_equals_uninterrupted(setup, tmp_path):
@@ -188,7 +175,7 @@ def test_sigkill_then_resume_equals_uninterrupted(setup, tmp_path):
     steps = 8  # 4 rounds of 2 steps, a checkpoint after each; killed after the second
     out = tmp_path / "killed"
     cmd = _cmd(setup, out, steps)
-    killed = run_forked(*cmd[3:], code=_KILL_AFTER_STEP_4, env=env)  # each command a process of its own
+    killed = run_forked(*cmd[3:], code=_kill_after_step_4(), env=env)  # each command a process of its own
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     ckpt = out / "checkpoint.pt"
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)["run"]["step"]
