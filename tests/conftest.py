@@ -7,7 +7,11 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread for the tests' own (tiny) models. On a 2-core machine that runs anything else
+# two threads stall each other: tests/test_diffusion.py + tests/test_synthesizers.py (in-process
+# tests only) took 174 s and 212 s with two threads and 12.7 s and 14.5 s with one, run back to back
+# next to one other busy process (load average ~2). Commands the tests start choose their own (threads=).
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 
