@@ -242,7 +242,10 @@ def test_ctrl_c_saves_and_exits_130(canvases, small_cnn_run, tmp_path):
     cmd = [*COMMAND, "--backbone", str(small_cnn_run), "--train", str(canvases["train"]),
            "--steps", "100000", "--batch-size", "4", "--log-every", "1", "--no-progress", "--threads", "1",
            "--out", str(out)]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # SIGINT back to its default in the child: a test run started in the background (``cmd &`` in a
+    # script) inherits SIGINT ignored, and the child would ignore the Ctrl-C this test sends
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         hist = out / "history.jsonl"
