@@ -215,7 +215,7 @@ class Engine:
         self.evals: list[dict] = []  # {"round", "step", "wall", **metrics}: time to accuracy
         self.stopped_by_budget = False
         self.last_eval: dict[str, float] = {}
-        self.lr = schedule.lr * 0.0
+        self.lr = 0.0  # set at the first round (or step)
         self.task: Optional[Task] = None
         self._start = _clock()
         self._updating = False
