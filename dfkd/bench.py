@@ -270,3 +270,66 @@ def write_report(out_dir: str | Path, name: str, payload: dict[str, Any], md_lin
     text = "\n".join(md_lines) + "\n"
     atomic_write_bytes(out / f"{name}.md", text.encode())
     print(text, end="")
+
+
+def _dotted(obj: Any, key: str) -> Any:
+    for part in key.split("."):
+        obj = obj.get(part) if isinstance(obj, dict) else None
+    return obj
+
+
+def index_folder(folder: str | Path, title: str, keys: Sequence[str], metric: str = "map50",
+                 argv: Sequence[str] | None = None, write: bool = True) -> str:
+    """The text of ``folder/README.md`` (written unless ``write`` is false): one table row per method of every results JSON in the folder, with the
+    settings named by ``keys`` (dotted paths into the JSON, e.g. ``settings.class_kd``), the per-seed values
+    of ``metric`` and their mean — an index generated from the files, so it cannot drift from them."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.glob("*.json"))
+    if not files:
+        raise ValueError(f"no results JSON in {folder}")
+    lines = [f"# {title}", "",
+             f"Generated from the results files in this folder by `{shlex.join(argv or sys.argv)}`. Each file's "
+             "command is in its `.md`/`.json`; its JSON's `settings` holds every value used (a flag the command "
+             "omits took the script's default at the time it ran).", "",
+             "| file | " + " | ".join(f"`{k.rsplit('.', 1)[-1]}`" for k in keys)
+             + f" | method | {metric} per seed | {metric} mean | seeds | threads | command |",
+             "|---|" + "---|" * len(keys) + "---|---|---|---|---|---|"]
+    for p in files:
+        d = json.loads(p.read_text())
+        vals = " | ".join(str(_dotted(d, k)) for k in keys)
+        for row in d.get("rows", []):
+            per_seed = row.get(f"{metric}_per_seed") or []
+            mean = row.get(metric)
+            lines.append(f"| `{p.stem}` | {vals} | {row.get('method')} | "
+                         + (", ".join(f"{v:.4f}" for v in per_seed) or "—") + " | "
+                         + ("—" if mean is None else f"{mean:.4f}") + f" | {_dotted(d, 'seeds')} | "
+                         + f"{_dotted(d, 'settings.threads') or _dotted(d, 'hardware.cpu_threads')} | "
+                         + f"`{d.get('command', '')}` |")
+    text = "\n".join(lines) + "\n"
+    if write:
+        atomic_write_bytes(folder / "README.md", text.encode())
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m dfkd.bench", description="Results-file utilities.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    ix = sub.add_parser("index", help="write FOLDER/README.md, a table generated from the results JSON files in it")
+    ix.add_argument("folder", type=Path)
+    ix.add_argument("--title", required=True)
+    ix.add_argument("--keys", nargs="*", default=[], help="dotted JSON paths shown per file, e.g. settings.class_kd")
+    ix.add_argument("--metric", default="map50", help="row field with a <metric>_per_seed list beside it")
+    args = ap.parse_args(argv)
+    try:
+        print(index_folder(args.folder, args.title, args.keys, args.metric,
+                           argv=["python", "-m", "dfkd.bench", *(sys.argv[1:] if argv is None else argv)]), end="")
+    except (ValueError, OSError, json.JSONDecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

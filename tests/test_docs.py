@@ -24,3 +24,28 @@ def test_every_results_file_the_readme_names_exists():
     assert named, "the README names no results file"
     missing = sorted(p for p in named if not (ROOT / p).exists())
     assert not missing, f"README names results files that do not exist: {missing}"
+
+
+def test_generated_indexes_are_what_their_command_writes(tmp_path):
+    """A results folder's README.md that says it was generated is exactly what its recorded command writes
+    from the folder's JSON files (a hand edit, or a results file added or changed since, fails)."""
+    import shlex
+    import shutil
+
+    from dfkd.bench import main
+
+    indexes = [p for p in (ROOT / "results").glob("*/README.md") if "Generated from the results files" in p.read_text()]
+    assert indexes, "no generated results index found"
+    for readme in indexes:
+        text = readme.read_text()
+        cmd = shlex.split(re.search(r"by `([^`]+)`\. Each file", text).group(1))
+        assert cmd[:4] == ["python", "-m", "dfkd.bench", "index"], cmd
+        copy = tmp_path / readme.parent.name
+        copy.mkdir()
+        for j in readme.parent.glob("*.json"):
+            shutil.copy(j, copy / j.name)
+        rel = readme.parent.relative_to(ROOT).as_posix()
+        assert cmd[4] == rel, f"{readme}: the command indexes {cmd[4]}, not its own folder"
+        assert main(["index", str(copy), *cmd[5:]]) == 0
+        regenerated = (copy / "README.md").read_text().replace(str(copy), rel)
+        assert regenerated == text, f"{readme} differs from what its command generates"
