@@ -59,13 +59,18 @@ def main() -> None:
     if cpu:
         common += CPU
     common += args.overrides
+    limit = next((o.split("=", 1)[1] for o in reversed(common) if o.startswith("data.test_limit=")), "null")
+    test_set = ("all 10,000 CIFAR-10 test images" if limit in ("null", "0", "None") else
+                f"a seeded random {int(limit):,} of the 10,000 CIFAR-10 test images (data.test_limit={limit}); "
+                "the teacher row is scored on the same subset")
     t = prepare_teacher("distill", common, train_split=False)
     device, teacher_top1 = t["device"], t["teacher_top1"]
     name = f"b1_{args.student}_{device.type}"
     rows = run_methods(args.methods, common, per_method, args.seeds, args.out / name,
                        options={"deepinversion": "deepinversion_cifar"})
     extra = {"budget_minutes_per_method": args.budget_minutes, "student": args.student,
-             "task": "CIFAR-10, pretrained ResNet-56 teacher", "cpu_mode": cpu}
+             "task": "CIFAR-10, pretrained ResNet-56 teacher", "cpu_mode": cpu,
+             "test_set": test_set}
     js, md = write_results(name, f"B1 — CIFAR-10, ResNet-56 → {args.student}, {device.type}", args.out, rows,
                            teacher_top1, extra, started)
     add_agreement(js, md)  # each method's requested-class agreement beside its accuracy
