@@ -15,10 +15,17 @@ teacher's first layer sees) started at ``init_std``·N(0, 1), as NVIDIA's CIFAR-
 ``clamp`` keeps the variable inside the valid pixel range after every step (the returned images are
 always clamped to [0, 1]). ``tv_kind`` is ``l1`` (mean absolute neighbour difference) or ``norm``
 (sum of the L2 norms of four neighbour differences, the reference recipe's form).
+
+Two image priors against high-frequency "fooling" patterns (both off by default): ``downsample`` f > 1
+optimises an (H/f, W/f) variable that is upsampled bilinearly to the teacher's size (no detail finer
+than f pixels can appear), and ``crop_scale`` s < 1 shows the teacher a random resized crop of every
+image at every step (area in [s, 1], aspect ratio in [3/4, 4/3], one crop per image), so an image must
+keep its class under rescaling and shifts, not only at one pixel alignment.
 """
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 
 import torch
@@ -58,6 +65,8 @@ class DeepInversion(Synthesizer):
         clamp: bool = True,
         tv_kind: str = "l1",
         betas: tuple = (0.5, 0.99),
+        downsample: int = 1,
+        crop_scale: float = 1.0,
     ):
         super().__init__(teacher, batch_size, seed, device)
         if space not in ("pixel", "normalized"):
@@ -74,6 +83,14 @@ class DeepInversion(Synthesizer):
         self.init_std = float(init_std)
         self.space, self.clamp, self.tv_kind = space, bool(clamp), tv_kind
         self.betas = tuple(float(b) for b in betas)
+        self.downsample = int(downsample)
+        self.crop_scale = float(crop_scale)
+        h, w = self.input_size[-2:]
+        if self.downsample < 1 or h % self.downsample or w % self.downsample:
+            raise DfkdError(f"deepinversion downsample must be a positive divisor of the image size {h}x{w}, "
+                            f"got {downsample!r}")
+        if not 0.0 < self.crop_scale <= 1.0:
+            raise DfkdError(f"deepinversion crop_scale must be in (0, 1], got {crop_scale!r}")
         # Fail at construction (not mid-run) when the prior does not fit the teacher.
         from dfkd.hooks import resolve_prior_name
 
@@ -89,7 +106,8 @@ class DeepInversion(Synthesizer):
         return mean, std
 
     def _init(self) -> torch.Tensor:
-        z = self.randn(self.batch_size, *self.input_size)
+        c, h, w = self.input_size
+        z = self.randn(self.batch_size, c, h // self.downsample, w // self.downsample)
         if self.space == "normalized":
             v = self.init_std * z
         else:
@@ -98,7 +116,30 @@ class DeepInversion(Synthesizer):
             self._clamp_(v)
         return v
 
+    def _up(self, v: torch.Tensor) -> torch.Tensor:
+        """The variable at the teacher's input size (bilinear upsampling when ``downsample`` > 1)."""
+        if self.downsample == 1:
+            return v
+        return F.interpolate(v, size=tuple(self.input_size[-2:]), mode="bilinear", align_corners=False)
+
+    def _random_resized_crop(self, x: torch.Tensor) -> torch.Tensor:
+        """One random resized crop per image (area in [crop_scale, 1], aspect in [3/4, 4/3]), resampled
+        bilinearly to the same size; differentiable in ``x``."""
+        b = x.shape[0]
+        g = self.cpu_rng
+        area = self.crop_scale + (1 - self.crop_scale) * torch.rand(b, generator=g)
+        log_r = (torch.rand(b, generator=g) * 2 - 1) * math.log(4 / 3)
+        sx = (area * log_r.exp()).sqrt().clamp(max=1.0)
+        sy = (area / log_r.exp()).sqrt().clamp(max=1.0)
+        tx = (torch.rand(b, generator=g) * 2 - 1) * (1 - sx)
+        ty = (torch.rand(b, generator=g) * 2 - 1) * (1 - sy)
+        theta = torch.zeros(b, 2, 3)
+        theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, tx, sy, ty
+        grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
     def _pixels(self, v: torch.Tensor) -> torch.Tensor:
+        v = self._up(v)
         if self.space == "normalized":
             mean, std = self._scale(v)
             return v * std + mean
@@ -127,15 +168,17 @@ class DeepInversion(Synthesizer):
             with ctx as prior:
                 for it in range(self.iterations):
                     opt.zero_grad(set_to_none=True)
-                    va = random_jitter(v, self.jitter, self.cpu_rng)
+                    # jitter and flip commute with the per-pixel map from the variable to pixels
+                    xa = random_jitter(self._pixels(v), self.jitter, self.cpu_rng)
                     if self.flip and torch.rand((), generator=self.cpu_rng) < 0.5:
-                        va = va.flip(3)
-                    xa = self._pixels(va)
+                        xa = xa.flip(3)
+                    if self.crop_scale < 1.0:
+                        xa = self._random_resized_crop(xa)
                     logits = self.teacher(xa)
                     loss_ce = F.cross_entropy(logits.float(), labels)
                     loss = self.w_ce * loss_ce
                     if self.w_tv:
-                        loss = loss + self.w_tv * tv_fn(v)
+                        loss = loss + self.w_tv * tv_fn(self._up(v))
                     if self.w_l2:
                         # the norm of the variable around its centre (0.5 in pixels, 0 when normalised)
                         loss = loss + self.w_l2 * (l2_prior(v) if self.space == "pixel" else l2_prior(v + 0.5))

@@ -108,6 +108,34 @@ def test_deepinversion_with_vit_teacher(vit_teacher):
     assert _hooks(vit_teacher) == 0
 
 
+@pytest.mark.parametrize("space", ["pixel", "normalized"])
+def test_deepinversion_low_resolution_variable_and_random_resized_crop(vit_teacher, space):
+    from generators import build_synthesizer
+
+    syn = build_synthesizer("deepinversion", vit_teacher, batch_size=4, seed=0, iterations=3, downsample=2,
+                            crop_scale=0.3, space=space, prior="vit_patch_entropy")
+    b = syn.step()
+    assert b.images.shape == (4, 3, 8, 8) and 0 <= b.images.min() and b.images.max() <= 1
+    assert torch.isfinite(b.images).all() and _hooks(vit_teacher) == 0
+    assert syn._init().shape[-2:] == (4, 4)  # the variable is 4x4, upsampled to the teacher's 8x8
+    x = torch.rand(2, 3, 8, 8, requires_grad=True)
+    syn._random_resized_crop(x).sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    with pytest.raises(DfkdError, match="downsample"):
+        build_synthesizer("deepinversion", vit_teacher, batch_size=4, downsample=3)
+    with pytest.raises(DfkdError, match="crop_scale"):
+        build_synthesizer("deepinversion", vit_teacher, batch_size=4, crop_scale=0.0)
+
+
+def test_deepinversion_defaults_unchanged_by_new_options(vit_teacher):
+    from generators import build_synthesizer
+
+    a = build_synthesizer("deepinversion", vit_teacher, batch_size=4, seed=0, iterations=2, jitter=1).step()
+    b = build_synthesizer("deepinversion", vit_teacher, batch_size=4, seed=0, iterations=2, jitter=1, downsample=1,
+                          crop_scale=1.0).step()
+    assert torch.equal(a.images, b.images)
+
+
 def _direct_kde_entropy(tokens, grid=64):
     """The patch-similarity entropy with a Gaussian evaluated per (grid point, pair): the reference
     the binned estimator approximates."""
