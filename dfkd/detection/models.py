@@ -456,6 +456,10 @@ def load_detector(path: str | Path, **overrides: Any) -> nn.Module:
         from dfkd.detection.yolo_task import build_yolo_task_detector
 
         model = build_yolo_task_detector(**build)
+    elif build.get("arch") == "torchvision":  # a torchvision student dfkd saved (dfkd.detection.tv_detectors)
+        from dfkd.detection.tv_detectors import build_tv_task_detector
+
+        model = build_tv_task_detector(**build)
     else:
         model = build_detector(**build)
     load_checkpoint_into(model, path)

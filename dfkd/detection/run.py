@@ -130,6 +130,10 @@ def load_teacher_detector(teacher_cfg: Mapping[str, Any]):
     from dfkd.detection.models import load_detector
     from dfkd.detection.yolo_task import is_yolo_teacher, load_yolo_teacher
 
+    from dfkd.detection.tv_detectors import is_tv_teacher, load_tv_teacher
+
+    if is_tv_teacher(teacher_cfg):  # teacher=tv_detector: a torchvision builder name + a state dict
+        return load_tv_teacher(teacher_cfg)
     if is_yolo_teacher(teacher_cfg):  # teacher=yolo, or a YOLO .pt/.yaml file
         return load_yolo_teacher(teacher_cfg)
     if teacher_cfg.get("model") is not None:
@@ -181,6 +185,10 @@ def build_student_detector(tb: Mapping[str, Any], s: DetectionSettings):
         from dfkd.detection.yolo_task import build_yolo_task_student
 
         return build_yolo_task_student(tb, s)
+    if tb.get("arch") == "torchvision":  # the teacher's builder with a smaller backbone, or a dfkd FCOS
+        from dfkd.detection.tv_detectors import build_tv_student
+
+        return build_tv_student(tb, s)
     small = s.student_backbone == "small_cnn"
     width = s.student_width or max(2, int(tb.get("width", 16)) // 2)
     fpn = s.student_fpn or max(4, int(tb.get("fpn_channels", 32)) // 2)
@@ -196,8 +204,11 @@ def _same_head_geometry(teacher_model, student, tb, device) -> bool:
     from dfkd.detection.models import head_outputs
 
     probe = torch.zeros(1, tb["in_chans"], tb["image_size"], tb["image_size"], device=device)
-    with torch.no_grad():
-        shapes = [tuple(head_outputs(m, probe)["cls_logits"].shape) for m in (teacher_model, student)]
+    try:
+        with torch.no_grad():
+            shapes = [tuple(head_outputs(m, probe)["cls_logits"].shape) for m in (teacher_model, student)]
+    except DfkdError:  # a detector without a one-stage head (Faster R-CNN)
+        return False
     return shapes[0] == shapes[1]
 
 
