@@ -21,6 +21,10 @@ optimises an (H/f, W/f) variable that is upsampled bilinearly to the teacher's s
 than f pixels can appear), and ``crop_scale`` s < 1 shows the teacher a random resized crop of every
 image at every step (area in [s, 1], aspect ratio in [3/4, 4/3], one crop per image), so an image must
 keep its class under rescaling and shifts, not only at one pixel alignment.
+
+``sparse_keep`` < 1 (timm ViT teachers) is sparse inversion after SMI: the patches the teacher attends to
+least are dropped from its tokens at the iterations ``sparse_at`` (fractions of the run), down to that
+fraction, which makes later iterations cheaper (:mod:`dfkd.sparse_vit`).
 """
 
 from __future__ import annotations
@@ -67,6 +71,8 @@ class DeepInversion(Synthesizer):
         betas: tuple = (0.5, 0.99),
         downsample: int = 1,
         crop_scale: float = 1.0,
+        sparse_keep: float = 1.0,
+        sparse_at: tuple = (0.2, 0.4, 0.6),
     ):
         super().__init__(teacher, batch_size, seed, device)
         if space not in ("pixel", "normalized"):
@@ -95,6 +101,12 @@ class DeepInversion(Synthesizer):
         from dfkd.hooks import resolve_prior_name
 
         self.prior_name = resolve_prior_name(teacher.model, prior) if self.w_bn > 0 else None
+        self.sparse = None
+        if float(sparse_keep) < 1.0:
+            from dfkd.sparse_vit import SparseInversion
+
+            self.sparse = SparseInversion(teacher.model, float(sparse_keep), tuple(sparse_at), self.iterations,
+                                          self.prior_name)
 
     def _prior_kwargs(self) -> dict:
         return {"first_weight": self.first_bn_multiplier} if self.prior_name == "batchnorm" else {}
@@ -166,15 +178,29 @@ class DeepInversion(Synthesizer):
         ctx = self.teacher.statistics(self.prior_name, **self._prior_kwargs()) if self.prior_name else nullcontext()
         try:
             with ctx as prior:
+                mask = None if self.sparse is None else self.sparse.new_mask(v)
                 for it in range(self.iterations):
                     opt.zero_grad(set_to_none=True)
+                    x = self._pixels(v)
+                    if mask is not None:  # sparse inversion: the keep mask is augmented with the image
+                        if it in self.sparse.drops:
+                            mask = self.sparse.drop(self.teacher, x.detach(), mask, it)
+                            if prior is not None:
+                                prior.reset()  # forget what the scoring forward recorded
+                        x = torch.cat([x, mask], dim=1)
                     # jitter and flip commute with the per-pixel map from the variable to pixels
-                    xa = random_jitter(self._pixels(v), self.jitter, self.cpu_rng)
+                    xa = random_jitter(x, self.jitter, self.cpu_rng)
                     if self.flip and torch.rand((), generator=self.cpu_rng) < 0.5:
                         xa = xa.flip(3)
                     if self.crop_scale < 1.0:
                         xa = self._random_resized_crop(xa)
-                    logits = self.teacher(xa)
+                    if mask is not None:
+                        c = self.input_size[0]
+                        xa, ma = xa[:, :c], xa[:, c:]
+                        with self.sparse.tokens(ma, self.sparse.kept(mask)):
+                            logits = self.teacher(xa)
+                    else:
+                        logits = self.teacher(xa)
                     loss_ce = F.cross_entropy(logits.float(), labels)
                     loss = self.w_ce * loss_ce
                     if self.w_tv:

@@ -366,3 +366,29 @@ def test_train_vit_teacher_smoke(tmp_path):
     assert metrics["test_top1"] == again["top1"] and metrics["test_loss"] == pytest.approx(again["loss"], rel=1e-6)
     attach_token_statistics(model, stats)
     assert resolve_prior_name(model, "auto") == "vit"
+
+
+def test_sparse_inversion_drops_patches_and_restores_the_teacher(vit_teacher):
+    from generators import build_synthesizer
+
+    vit = vit_teacher.model
+    before = vit.patch_drop
+    seen = []
+    h = vit.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+    syn = build_synthesizer("deepinversion", vit_teacher, batch_size=4, seed=0, iterations=6, prior="vit_patch_entropy",
+                            sparse_keep=0.25, sparse_at=(0.3, 0.6), crop_scale=0.5, jitter=1, flip=True)
+    b = syn.step()
+    h.remove()
+    assert b.images.shape == (4, 3, 8, 8) and torch.isfinite(b.images).all()
+    assert vit.patch_drop is before and _hooks(vit_teacher) == 0
+    # 16 patches + 1 class token at first, 4 + 1 after the last drop (the final labelling sees all tokens)
+    assert seen[0] == 17 and 5 in seen and min(seen) == 5 and seen[-1] == 17
+    with pytest.raises(DfkdError, match="position by position"):
+        build_synthesizer("deepinversion", vit_teacher, batch_size=4, prior="vit_bootstrap", sparse_keep=0.5)
+
+
+def test_sparse_inversion_needs_a_timm_vit(bn_teacher):
+    from generators import build_synthesizer
+
+    with pytest.raises(DfkdError, match="timm VisionTransformer"):
+        build_synthesizer("deepinversion", bn_teacher, batch_size=4, bn=0.0, sparse_keep=0.5)
