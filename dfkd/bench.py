@@ -12,7 +12,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from dfkd.models.checkpoint import atomic_write_bytes, atomic_write_json
 
@@ -104,22 +104,28 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def redact_paths(obj: Any) -> Any:
+def redact_paths(obj: Any, extra: Optional[Mapping[Any, str]] = None) -> Any:
     """Replace this machine's data folder (DFKD_DATA) and home folder in results with placeholders,
-    so results files can be shared."""
+    so results files can be shared; ``extra`` maps further folders (a run's work folder, say) to the
+    placeholder that names them (``{work: "$WORK"}``), replaced first."""
     import os
 
     subs = [(os.environ.get("DFKD_DATA"), "$DFKD_DATA"), (str(Path.home()), "~")]
     subs = [(str(Path(a).resolve()) if a else None, b) for a, b in subs] + subs
+    subs = [(str(a), b) for a, b in (extra or {}).items() if a] + subs
+    return _redact(obj, subs)
+
+
+def _redact(obj: Any, subs: list) -> Any:
     if isinstance(obj, str):
         for a, b in subs:
             if a and a not in ("/", ".") and a in obj:
                 obj = obj.replace(a, b)
         return obj
     if isinstance(obj, dict):
-        return {k: redact_paths(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [redact_paths(v) for v in obj]
+        return {k: _redact(v, subs) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_redact(v, subs) for v in obj]
     return obj
 
 

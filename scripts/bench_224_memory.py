@@ -11,7 +11,6 @@ checkpoint size to ``results/<name>.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile

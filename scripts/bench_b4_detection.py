@@ -25,9 +25,7 @@ Writes ``results/b4_detection_<source>.{json,md}`` (+ a time-to-mAP png when mat
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -136,25 +134,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def _scrub_work(obj, work, out=None):
-    """Name this machine's work and output folders by their options in results files."""
-    if isinstance(obj, str):
-        obj = obj.replace(str(work), "$WORK")
-        return obj.replace(str(out), "$OUT") if out is not None and Path(out).is_absolute() else obj
-    if isinstance(obj, dict):
-        return {k: _scrub_work(v, work, out) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_scrub_work(v, work, out) for v in obj]
-    return obj
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
-    from dfkd.bench import hardware_line, plot_curves, redact_paths
-    from dfkd.detection.bench import canvas_teacher, side_by_side
+    from dfkd.bench import plot_curves, redact_paths
+    from dfkd.detection.bench import b4_markdown, canvas_teacher, run_record, side_by_side
     from dfkd.eval.detection import evaluate_detector
     from dfkd.models.checkpoint import atomic_write_bytes, atomic_write_json
     from dfkd.pipeline import hardware
@@ -265,25 +251,8 @@ def main(argv=None) -> None:
             run_dir = work / "runs" / f"{name}_{method}_seed{seed}"
             out = run_detection(compose("distill", ov), run_dir)
             student_params = out["student_params"]
-            history = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-            syn_keys = sorted({k for h in history for k in h if k.startswith(("syn/", "kd/"))})
-            tail = history[-max(1, len(history) // 4):]
-            run = {
-                "method": method, "kind": KIND[method], "seed": seed,
-                "command": "dfkd-distill " + " ".join(shlex.quote(o) for o in ov),
-                "map": out["student_map"], "map50": out["student_map50"], "map75": out["student_map75"],
-                "per_class_ap": out["per_class_ap"], "num_detections": out["num_detections"],
-                "distill_seconds": out["distill_seconds"], "steps": out["steps"], "rounds": out["rounds"],
-                "images_synthesized": out["images_synthesized"], "synth_seconds": out["synth_seconds"],
-                "synth_images_per_second": out["synth_images_per_second"],
-                "eval_seconds_in_budget": out["eval_seconds_in_budget"],
-                "final_eval_seconds": out["final_eval_seconds"],
-                "head_matching": out["head_matching"], "class_kd": out["class_kd"],
-                "time_to_map": out["time_to_map"] + [[out["distill_seconds"], out["steps"], out["student_map"],
-                                                      out["student_map50"]]],
-                "last_quarter_means": {k: statistics.mean(h[k] for h in tail if k in h) for k in syn_keys
-                                       if any(k in h for h in tail)},
-            }
+            run = run_record(method, KIND[method], seed, "dfkd-distill " + " ".join(shlex.quote(o) for o in ov),
+                             out, run_dir)
             runs.append(run)
             print(f"{method:>14} seed {seed}: mAP {run['map']:.4f} mAP@.5 {run['map50']:.4f} "
                   f"({run['steps']} steps, {run['images_synthesized']} images, {run['distill_seconds']:.0f} s)",
@@ -291,11 +260,12 @@ def main(argv=None) -> None:
 
     # 4. table
     table = side_by_side(runs, KIND, TARGET)
-    rows, df, met, per_seed = table["rows"], table["data_free"], table["target_met"], table["per_seed"]
+    rows, met, per_seed = table["rows"], table["target_met"], table["per_seed"]
     met_every_seed = table["target_met_every_seed"]
 
     wall = time.perf_counter() - started
     cmd = " ".join(shlex.quote(a) for a in ["python", *(sys.argv if argv is None else [sys.argv[0], *argv])])
+    scrub = {work: "$WORK", **({args.out: "$OUT"} if args.out.is_absolute() else {})}  # this machine's folders
     result = redact_paths({
         "benchmark": name, "command": cmd, "hardware": hardware(), "wall_seconds": round(wall, 1),
         "seeds": list(args.seeds), "settings": {k: (str(v) if isinstance(v, Path) else v)
@@ -314,79 +284,17 @@ def main(argv=None) -> None:
         "weak_teacher": weak_teacher,
         "target_met": met, "ratio_to_ceiling_map50_per_seed": {str(k): v for k, v in per_seed.items()},
         "target_met_every_seed": met_every_seed, "rows": rows, "runs": runs,
-    })
+    }, scrub)
     args.out.mkdir(parents=True, exist_ok=True)
     jpath, mpath = args.out / f"{name}.json", args.out / f"{name}.md"
-    result = _scrub_work(result, work, args.out)
     atomic_write_json(jpath, result)
 
-    hw = result["hardware"]
-    lines = [
-        f"# B4 — detection ({args.source} canvases), side by side",
-        "",
-        f"- command: `{result['command']}`",
-        hardware_line(hw),
-        f"- seeds: {', '.join(map(str, args.seeds))}; total wall time {wall:.0f} s "
-        f"(teacher {'cached' if cached else f'trained in {teacher_seconds:.0f} s'})",
-        f"- canvases: {size}×{size} px, {objects[0]}–{objects[1]} objects of {obj_px[0]}–{obj_px[1]} px on "
-        f"blurred real backgrounds; {len(train_ds)} train canvases ({train_ds.num_boxes} boxes) from the train "
-        f"split, {len(test_ds)} test canvases ({test_ds.num_boxes} boxes) from the test split only",
-        f"- teacher: FCOS, small BatchNorm CNN width {args.teacher_width}, FPN {args.teacher_fpn}, "
-        f"{teacher_params} params, {args.teacher_steps} steps on the train canvases",
-        f"- student: FCOS, {args.student_backbone} width {args.student_width}, FPN {args.student_fpn}, "
-        f"{args.student_head_convs} head conv(s), {student_params} params; same init, budget "
-        + (f"({args.steps} student steps) " if args.steps else
-           f"({args.budget_minutes:g} min wall clock, evaluation included) ")
-        + "and KD loop for every method: batch "
-        f"{args.kd_batch}, {args.kd_steps_per_round} steps per round from a {args.memory_size}-image memory, "
-        f"teacher pseudo-labels (score ≥ {args.score_thresh})"
-        + (f" + head matching (weight {args.head_weight:g})" if args.head_matching else "")
-        + (f" + the teacher's class distribution on its objects (class KD, weight {args.class_kd:g}, "
-           f"T {args.class_kd_temperature:g})" if args.class_kd > 0 else ""),
-        f"- box_inversion: {args.inv_iterations} iterations × {args.inv_batch} images, lr {args.inv_lr:g}, "
-        f"{args.boxes_per_image} sampled box(es) per image (sides {box_size[0]:.2f}–{box_size[1]:.2f} of the "
-        f"canvas), BN prior {args.inv_bn:g} (first layer ×{args.inv_first_bn:g}), TV {args.inv_tv:g}"
-        + (f", teacher detections ≥ {args.add_teacher_detections:g} added" if args.add_teacher_detections >= 0
-           else "")
-        + (f", ADI competition with the student (weight {args.inv_adi:g})" if args.inv_adi > 0 else ""),
-        "- mAP: pycocotools COCOeval (bbox, 101-point), on the full test set; scored with score ≥ "
-        f"{args.eval_score_thresh:g}",
-        "",
-        "| method | kind | mAP@[.5:.95] | mAP@.5 | mAP@.5 / ceiling | distill time (s) | images synthesized "
-        "| synth images/s |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| teacher | — | {teacher_map['map']:.4f} | {teacher_map['map50']:.4f} | | | | |",
-    ]
-    for r in rows:
-        ratio = f"{r['ratio_to_ceiling_map50']:.1%}" if r["ratio_to_ceiling_map50"] is not None else "—"
-        std = f" ± {r['map50_std']:.4f}" if r["map50_std"] is not None else ""
-        ips = f"{r['synth_images_per_second']:.0f}" if r["synth_images_per_second"] else "—"
-        lines.append(f"| {r['method']} | {r['kind']} | {r['map']:.4f} | {r['map50']:.4f}{std} | {ratio} "
-                     f"| {r['distill_seconds']:.0f} | {r['images_synthesized']:.0f} | {ips} |")
-    lines.append("")
-    if weak_teacher:
-        lines.append(f"**Warning:** the teacher's mAP@.5 ({teacher_map['map50']:.4f}) is below "
-                     f"{args.min_teacher_map50:g}: its training did not converge, so these rows say little.\n")
-    if met is None:
-        lines.append("Target (data-free mAP@.5 ≥ 80 % of the real-data KD ceiling's): not evaluated "
-                     "(needs both box_inversion and real).")
-    else:
-        lines.append(f"Target (data-free mAP@.5 ≥ 80 % of the real-data KD ceiling's): "
-                     f"**{'met' if met else 'not met'}** — box_inversion reaches "
-                     f"{df['ratio_to_ceiling_map50']:.1%} of the ceiling"
-                     + (f" (mean mAP@.5 over {len(args.seeds)} seeds)." if len(args.seeds) > 1 else "."))
-    if len(per_seed) > 1:
-        lines.append("Per student seed, box_inversion against the ceiling of the same seed: "
-                     + ", ".join(f"seed {k}: {v:.1%}" for k, v in per_seed.items())
-                     + f" — target {'met on every seed' if met_every_seed else 'missed on some seed'}.")
     png = args.out / f"{name}_time_to_map.png"
     curves = {f"{r['method']} (seed {r['seed']})": [[p[0], p[3]] for p in r["time_to_map"]] for r in runs}
-    if plot_curves(curves, png, f"B4 — {args.source} detection", teacher_map["map50"],
-                   ylabel="student mAP@.5 (real test canvases)"):
-        lines.append(f"\nTime to mAP@.5 (test subset of {args.eval_images} canvases along the way, full test set "
-                     f"at the end): `{png.name}`; data: `time_to_map` ([wall s, step, mAP, mAP@.5]) per run in "
-                     f"`{jpath.name}`, with per-class AP.")
-    atomic_write_bytes(mpath, _scrub_work(redact_paths("\n".join(lines) + "\n"), work, args.out).encode())
+    drawn = plot_curves(curves, png, f"B4 — {args.source} detection", teacher_map["map50"],
+                        ylabel="student mAP@.5 (real test canvases)")
+    lines = b4_markdown(result, TARGET, png.name if drawn else None)
+    atomic_write_bytes(mpath, redact_paths("\n".join(lines) + "\n", scrub).encode())
     print("\n".join(lines))
 
 

@@ -51,7 +51,7 @@ def main() -> None:
 
     import torch
 
-    from dfkd.bench import compose, prepare_teacher, redact_paths
+    from dfkd.bench import compose, hardware_line, prepare_teacher, redact_paths
     from dfkd.cli.synthesize import run_synthesize
     from dfkd.data.store import SyntheticStore
     from dfkd.diffusion import train_diffusion_from_store
@@ -144,23 +144,14 @@ def main() -> None:
                 "diffusion_train_steps": dm["steps_done"], "diffusion_train_seconds": dm["wall_seconds"],
                 "diffusion_final_loss": dm["final_loss"]}
     command = " ".join(shlex.quote(a) for a in ["python", *sys.argv])
-    def scrub(obj):  # the work folder is this machine's: name it by its option instead
-        if isinstance(obj, str):
-            return obj.replace(str(work), "$WORK")
-        if isinstance(obj, dict):
-            return {k: scrub(v) for k, v in obj.items()}
-        if isinstance(obj, list):
-            return [scrub(v) for v in obj]
-        return obj
-
-    result = scrub(redact_paths({
+    result = redact_paths({
         "benchmark": args.name, "command": command, "hardware": hardware(), "seed": args.seed,
         "wall_seconds": time.perf_counter() - started, "teacher_top1": teacher_top1,
         "synth_seconds_each": args.synth_seconds, "kd": f"{rounds} rounds x {cfg0.distill.kd_steps} KD steps",
         "sampling": {"steps": args.sample_steps, "scheduler": args.scheduler, "guidance": args.guidance,
                      "batch": args.sample_batch, "unet_widths": args.widths},
         "one_time_cost": one_time, "verdict": verdict, "rows": rows,
-    }))
+    }, {work: "$WORK"})  # the work folder is this machine's: named by its option
     command = result["command"]
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / f"{args.name}.json", result)
@@ -169,8 +160,7 @@ def main() -> None:
         "# B5 — diffusion sampling from a teacher-distilled model vs DeepInversion, equal synthesis time",
         "",
         f"- command: `{command}`",
-        f"- hardware: {hw.get('gpu') or 'CPU'}, {hw['cpu_count']} cores, torch {hw['torch']} "
-        f"({hw['cpu_threads']} threads)",
+        hardware_line(hw),
         f"- seed {args.seed}; total wall time {result['wall_seconds']:.0f} s; every student: {result['kd']}",
         f"- synthesis time per method: {args.synth_seconds:g} s; sampling: {args.sample_steps} {args.scheduler} steps, "
         f"teacher guidance {args.guidance:g}, UNet widths {args.widths}",

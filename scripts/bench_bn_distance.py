@@ -102,7 +102,6 @@ def reference_recipe(teacher, labels, iterations, checkpoints, seed):
 def ours(teacher, settings, batch, iterations, checkpoints, seed, final_only=False):
     """Our DeepInversion, stepped ``checkpoints`` at a time (one call per checkpoint segment would restart
     from noise, so the batch is run once per checkpoint length and the distance of each is recorded)."""
-    import torch
 
     from dfkd.losses.priors import batchnorm_distance
     from generators.inversion import DeepInversion

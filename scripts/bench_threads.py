@@ -10,7 +10,6 @@ products, as another job on the machine would be), and writes ``results/<name>.{
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import statistics

@@ -49,3 +49,22 @@ def test_generated_indexes_are_what_their_command_writes(tmp_path):
         assert main(["index", str(copy), *cmd[5:]]) == 0
         regenerated = (copy / "README.md").read_text().replace(str(copy), rel)
         assert regenerated == text, f"{readme} differs from what its command generates"
+
+
+def test_b4_results_tables_render_from_their_json():
+    """Every B4 results file in the current script's format is its JSON rendered by the code the script uses
+    (dfkd.detection.bench.b4_markdown): a hand-edited table or header fails."""
+    import json
+
+    from dfkd.detection.bench import b4_markdown
+
+    checked = 0
+    for j in sorted((ROOT / "results").glob("b4_detection_*.json")):
+        result = json.loads(j.read_text())
+        if "steps" not in result["settings"]:  # written by an earlier version of the script
+            continue
+        png = j.with_name(f"{j.stem}_time_to_map.png")
+        text = "\n".join(b4_markdown(result, 0.8, png.name if png.exists() else None)) + "\n"
+        assert text == j.with_suffix(".md").read_text(), f"{j.with_suffix('.md').name} differs from its JSON"
+        checked += 1
+    assert checked >= 2

@@ -712,7 +712,7 @@ def read_image_folder(folder: str | Path, input_size: Sequence[int]) -> tuple[to
             soft_map = {s["file"]: s["soft_label"] for s in json.loads(lj.read_text()).get("samples", [])}
         except (ValueError, KeyError, TypeError):
             soft_map = {}
-    xs, ys, soft, files = [], [], [], []
+    xs, ys, files = [], [], []
     for k, name in enumerate(classes):
         for p in sorted((folder / name).iterdir()):
             if p.suffix.lower() not in exts:

@@ -106,3 +106,98 @@ def side_by_side(runs: Sequence[Mapping[str, Any]], kinds: Mapping[str, str], ta
                 per_seed[r["seed"]] = r["map50"] / c["map50"]
     return {"rows": rows, "data_free": df, "target_met": met, "per_seed": per_seed,
             "target_met_every_seed": all(v >= target for v in per_seed.values()) if per_seed else None}
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """A run folder's ``metrics.jsonl`` records (empty when the file is missing)."""
+    p = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.is_file() else []
+
+
+def run_record(method: str, kind: str, seed: int, command: str, out: Mapping[str, Any],
+               run_dir: Path) -> dict[str, Any]:
+    """One B4 row per run: ``run_detection``'s summary, its time-to-mAP curve ending at the final score and
+    the means of its ``syn/``/``kd/`` metrics over the last quarter of the rounds."""
+    history = read_metrics(run_dir)
+    syn_keys = sorted({k for h in history for k in h if k.startswith(("syn/", "kd/"))})
+    tail = history[-max(1, len(history) // 4):]
+    keep = ("per_class_ap", "num_detections", "distill_seconds", "steps", "rounds", "images_synthesized",
+            "synth_seconds", "synth_images_per_second", "eval_seconds_in_budget", "final_eval_seconds",
+            "head_matching", "class_kd")
+    return {"method": method, "kind": kind, "seed": seed, "command": command,
+            "map": out["student_map"], "map50": out["student_map50"], "map75": out["student_map75"],
+            **{k: out[k] for k in keep},
+            "time_to_map": list(out["time_to_map"]) + [[out["distill_seconds"], out["steps"], out["student_map"],
+                                                        out["student_map50"]]],
+            "last_quarter_means": {k: statistics.mean(h[k] for h in tail if k in h) for k in syn_keys
+                                   if any(k in h for h in tail)}}
+
+
+def b4_markdown(result: Mapping[str, Any], target: float, curves_png: Optional[str] = None) -> list[str]:
+    """The B4 results table and its header, rendered from the results JSON alone."""
+    from dfkd.bench import hardware_line
+
+    s, c, t, inv = result["settings"], result["canvases"], result["teacher"], result["inversion"]
+    seeds, rows, met, per_seed = result["seeds"], result["rows"], result["target_met"], \
+        result["ratio_to_ceiling_map50_per_seed"]
+    df = next((r for r in rows if r["method"] == "box_inversion"), None)
+    size, obj, objects, box = c["canvas_size"], c["object_pixels"], c["objects"], inv["size"]
+    trained = "cached" if t["cached"] else f"trained in {t['train_seconds']:.0f} s"
+    lines = [
+        f"# B4 — detection ({s['source']} canvases), side by side", "",
+        f"- command: `{result['command']}`",
+        hardware_line(result["hardware"]),
+        f"- seeds: {', '.join(map(str, seeds))}; total wall time {result['wall_seconds']:.0f} s (teacher {trained})",
+        f"- canvases: {size}×{size} px, {objects[0]}–{objects[1]} objects of {obj[0]}–{obj[1]} px on "
+        f"blurred real backgrounds; {c['train']} train canvases ({c['train_boxes']} boxes) from the train "
+        f"split, {c['test']} test canvases ({c['test_boxes']} boxes) from the test split only",
+        f"- teacher: FCOS, small BatchNorm CNN width {s['teacher_width']}, FPN {s['teacher_fpn']}, "
+        f"{t['params']} params, {s['teacher_steps']} steps on the train canvases",
+        f"- student: FCOS, {s['student_backbone']} width {s['student_width']}, FPN {s['student_fpn']}, "
+        f"{s['student_head_convs']} head conv(s), {result['student']['params']} params; same init, budget "
+        + (f"({s['steps']} student steps) " if s["steps"] else
+           f"({s['budget_minutes']:g} min wall clock, evaluation included) ")
+        + f"and KD loop for every method: batch {s['kd_batch']}, {s['kd_steps_per_round']} steps per round from a "
+        f"{s['memory_size']}-image memory, teacher pseudo-labels (score ≥ {s['score_thresh']})"
+        + (f" + head matching (weight {s['head_weight']:g})" if s["head_matching"] else "")
+        + (f" + the teacher's class distribution on its objects (class KD, weight {s['class_kd']:g}, "
+           f"T {s['class_kd_temperature']:g})" if s["class_kd"] > 0 else ""),
+        f"- box_inversion: {s['inv_iterations']} iterations × {s['inv_batch']} images, lr {s['inv_lr']:g}, "
+        f"{s['boxes_per_image']} sampled box(es) per image (sides {box[0]:.2f}–{box[1]:.2f} of the "
+        f"canvas), BN prior {s['inv_bn']:g} (first layer ×{s['inv_first_bn']:g}), TV {s['inv_tv']:g}"
+        + (f", teacher detections ≥ {s['add_teacher_detections']:g} added" if s["add_teacher_detections"] >= 0
+           else "")
+        + (f", ADI competition with the student (weight {s['inv_adi']:g})" if s["inv_adi"] > 0 else ""),
+        "- mAP: pycocotools COCOeval (bbox, 101-point), on the full test set; scored with score ≥ "
+        f"{s['eval_score_thresh']:g}", "",
+        "| method | kind | mAP@[.5:.95] | mAP@.5 | mAP@.5 / ceiling | distill time (s) | images synthesized "
+        "| synth images/s |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| teacher | — | {t['map']:.4f} | {t['map50']:.4f} | | | | |",
+    ]
+    for r in rows:
+        ratio = f"{r['ratio_to_ceiling_map50']:.1%}" if r["ratio_to_ceiling_map50"] is not None else "—"
+        std = f" ± {r['map50_std']:.4f}" if r["map50_std"] is not None else ""
+        ips = f"{r['synth_images_per_second']:.0f}" if r["synth_images_per_second"] else "—"
+        lines.append(f"| {r['method']} | {r['kind']} | {r['map']:.4f} | {r['map50']:.4f}{std} | {ratio} "
+                     f"| {r['distill_seconds']:.0f} | {r['images_synthesized']:.0f} | {ips} |")
+    lines.append("")
+    if result["weak_teacher"]:
+        lines.append(f"**Warning:** the teacher's mAP@.5 ({t['map50']:.4f}) is below "
+                     f"{s['min_teacher_map50']:g}: its training did not converge, so these rows say little.\n")
+    goal = f"Target (data-free mAP@.5 ≥ {target * 100:g} % of the real-data KD ceiling's)"
+    if met is None:
+        lines.append(f"{goal}: not evaluated (needs both box_inversion and real).")
+    else:
+        lines.append(f"{goal}: **{'met' if met else 'not met'}** — box_inversion reaches "
+                     f"{df['ratio_to_ceiling_map50']:.1%} of the ceiling"
+                     + (f" (mean mAP@.5 over {len(seeds)} seeds)." if len(seeds) > 1 else "."))
+    if len(per_seed) > 1:
+        lines.append("Per student seed, box_inversion against the ceiling of the same seed: "
+                     + ", ".join(f"seed {k}: {v:.1%}" for k, v in per_seed.items())
+                     + f" — target {'met on every seed' if result['target_met_every_seed'] else 'missed on some seed'}.")
+    if curves_png:
+        lines.append(f"\nTime to mAP@.5 (test subset of {s['eval_images']} canvases along the way, full test set "
+                     f"at the end): `{curves_png}`; data: `time_to_map` ([wall s, step, mAP, mAP@.5]) per run in "
+                     f"`{result['benchmark']}.json`, with per-class AP.")
+    return lines
