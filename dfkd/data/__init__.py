@@ -102,18 +102,74 @@ class AdaptedDataset(EvalSet):
 DATASETS: Registry[DataSpec] = Registry("dataset")
 
 
-@DATASETS.register("digits")
-def load_digits(seed: int = 0, test_fraction: float = 0.3, train: bool = True, **_: object) -> DataSpec:
-    """scikit-learn's bundled 8×8 handwritten digits (1,797 images), split by ``seed``."""
-    from sklearn.datasets import load_digits as _load
+def _sklearn_file(*parts: str) -> Optional[Path]:
+    """A file shipped inside the scikit-learn package, found without importing it (that costs seconds)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.origin:
+        raise DfkdError("data=digits needs scikit-learn (pip install scikit-learn)")
+    p = Path(spec.origin).parent.joinpath(*parts)
+    return p if p.is_file() else None
+
+
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The digits images (N, 8, 8) and labels, read from the CSV that scikit-learn ships (what its
+    ``load_digits`` reads), or through ``load_digits`` when the file is not where it used to be."""
+    csv = _sklearn_file("datasets", "data", "digits.csv.gz")
+    if csv is None:
+        from sklearn.datasets import load_digits as _load
+
+        d = _load()
+        return d.images, d.target
+    data = np.loadtxt(csv, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
+
+
+def _digits_split(target: np.ndarray, seed: int, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted train and test indices of scikit-learn's stratified ``train_test_split``, kept in the dfkd
+    cache by scikit-learn version, seed and fraction, so that later commands need not import scikit-learn."""
+    import importlib.metadata
+
+    from dfkd.models.checkpoint import atomic_write_bytes
+
+    try:
+        version = importlib.metadata.version("scikit-learn")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    from dfkd.pipeline import cache_dir
+
+    path = cache_dir() / "digits" / f"split_sklearn{version}_seed{int(seed)}_test{float(test_fraction):g}.npz"
+    try:
+        with np.load(path) as z:
+            tr, te = z["train"], z["test"]
+        if len(tr) + len(te) == len(target):
+            return tr, te
+    except (OSError, KeyError, ValueError):
+        pass
     from sklearn.model_selection import train_test_split
 
-    d = _load()
-    x = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)  # (N, 1, 8, 8) in [0, 1]
-    y = torch.from_numpy(d.target.astype(np.int64))
-    idx = np.arange(len(y))
-    tr, te = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=d.target)
-    tr, te = torch.from_numpy(np.sort(tr)), torch.from_numpy(np.sort(te))
+    tr, te = train_test_split(np.arange(len(target)), test_size=test_fraction, random_state=seed, stratify=target)
+    tr, te = np.sort(tr), np.sort(te)
+    try:
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, train=tr, test=te)
+        atomic_write_bytes(path, buf.getvalue())
+    except OSError:  # a read-only cache only costs the import next time
+        pass
+    return tr, te
+
+
+@DATASETS.register("digits")
+def load_digits(seed: int = 0, test_fraction: float = 0.3, train: bool = True, **_: object) -> DataSpec:
+    """scikit-learn's bundled 8×8 handwritten digits (1,797 images), split by ``seed`` (stratified)."""
+    images, target = _digits_arrays()
+    x = torch.from_numpy(images.astype(np.float32) / 16.0).unsqueeze(1)  # (N, 1, 8, 8) in [0, 1]
+    y = torch.from_numpy(target.astype(np.int64))
+    tr, te = _digits_split(target, seed, test_fraction)
+    tr, te = torch.from_numpy(tr), torch.from_numpy(te)
     return DataSpec(
         name="digits",
         train=ArrayDataset(x[tr], y[tr]),
