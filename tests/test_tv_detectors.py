@@ -302,7 +302,7 @@ def test_no_hook_left_and_modes_restored_after_a_run_or_an_exception(files, monk
     student.train()
     student.backbone.eval()  # mixed modes, to see they come back exactly
     source = BoxInversion(teacher, batch_size=2, iterations=2, adi=1.0, bn=0.05, flip=False)
-    before = _modes(teacher, student)
+    before, before_teacher = _modes(teacher, student), _modes(teacher)
     calls = {"loss": 0, "detect": 0}
     real_loss, real_detect = teacher.loss, teacher.detect
 
@@ -327,13 +327,13 @@ def test_no_hook_left_and_modes_restored_after_a_run_or_an_exception(files, monk
                                    augment=None, progress=False)
     if where == "none":
         res = run()
-        assert res["steps"] == 2 and "syn/adi_js" in res["history"][0]
-        student.train()
-        student.backbone.eval()
+        assert res["steps"] == 2 and "syn/adi_js" in res["history"][0] and "kd/head" in res["history"][0]
+        # the teacher as it was; the student handed back in eval mode, as distill_detector documents
+        assert _hooks(teacher, student) == 0 and _modes(teacher) == before_teacher and not any(_modes(student))
     else:
         with pytest.raises(Boom):
             run()
-    assert _hooks(teacher, student) == 0 and _modes(teacher, student) == before
+        assert _hooks(teacher, student) == 0 and _modes(teacher, student) == before
 
 
 # -- bad input --------------------------------------------------------------------------------------------------
