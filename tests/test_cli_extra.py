@@ -80,3 +80,17 @@ def test_a_data_test_that_skips_fails_when_the_data_is_required(tmp_path):
     strict = _pytest(target, DFKD_DATA=str(tmp_path), DFKD_REQUIRE_DATA="1")
     assert strict.returncode == 1, strict.stdout[-2000:]
     assert strict.stdout.count("DFKD_REQUIRE_DATA=1 but this data test skipped") == 2, strict.stdout[-2000:]
+
+
+@pytest.mark.parametrize("config", ["distill", "synthesize"])
+@pytest.mark.parametrize("teacher", ["timm", "torchvision", "checkpoint", "module"])
+def test_a_users_teacher_defaults_to_no_data(config, teacher):
+    """The built-in digits are not scored against a teacher of the user's own (a CIFAR or ImageNet teacher
+    with named classes made every default command fail on the digits' class names); a dataset named on
+    the command line still wins, and the built-in teacher keeps the digits."""
+    from dfkd.bench import compose
+
+    base = [f"teacher={teacher}"] + (["teacher._target_=m:build"] if teacher == "module" else ["teacher.checkpoint=x"])
+    assert compose(config, base).data.name == "none"
+    assert compose(config, [*base, "data=cifar10"]).data.name == "cifar10"
+    assert compose(config, []).data.name == "digits"
