@@ -220,3 +220,68 @@ def test_deepinversion_step_raising_leaves_no_hook_and_modes(bn_teacher, tiny_vi
     after = [m.training for m in list(bn_teacher.modules()) + list(tiny_vit_student.modules())]
     assert after == modes
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in bn_teacher.modules())
+
+
+class RankClock:
+    """Rank r's fake wall clock: advances 1 + 2r seconds per round, so the ranks disagree about the budget."""
+
+    def __init__(self, per_round):
+        self.t, self.per_round = 0.0, per_round
+
+    def __call__(self):
+        return self.t
+
+
+def _budget_race_worker(rank, world, store, synced, out):
+    import json
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        clock = RankClock(1.0 + 2.0 * rank)
+        E._clock = clock  # this process only
+        torch.manual_seed(0)
+        model = nn.Linear(4, 1)
+        eng = Engine(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                     Schedule(0.1, 100, "round", 0.0, "cosine", 12.0), distributed=synced)
+
+        class Task(Toy):
+            def round(self, engine):
+                r = super().round(engine)
+                clock.t += clock.per_round
+                return r
+
+        task = Task(model)
+        res = eng.run(task)
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump({"rounds": res["rounds"], "lrs": task.lrs, "budget": res["stopped_by_budget"]}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("synced", [True, False])
+def test_ranks_whose_clocks_disagree_stop_at_the_same_round_with_the_same_rates(tmp_path, synced):
+    """Two Gloo ranks with fake clocks running at different speeds (rank 1 reaches the 12 s budget in 4
+    rounds, rank 0 in 12): the engine's all-reduced budget flag and wall time make both stop at rank 1's
+    round with the same learning rates. The unsynced run (distributed=False) is the control: the race
+    is real there, the ranks stop at different rounds."""
+    import json
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    out = tmp_path / "res"
+    procs = [ctx.Process(target=_budget_race_worker, args=(r, 2, tmp_path / "store", synced, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    r0, r1 = (json.loads(out.with_name(f"res.{r}").read_text()) for r in range(2))
+    assert r0["budget"] and r1["budget"]
+    if synced:
+        assert r0["rounds"] == r1["rounds"] == 4
+        assert r0["lrs"] == r1["lrs"]
+    else:
+        assert (r0["rounds"], r1["rounds"]) == (12, 4)
