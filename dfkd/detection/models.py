@@ -460,6 +460,10 @@ def load_detector(path: str | Path, **overrides: Any) -> nn.Module:
         from dfkd.detection.tv_detectors import build_tv_task_detector
 
         model = build_tv_task_detector(**build)
+    elif build.get("arch") == "hf":  # a transformers student dfkd saved (dfkd.detection.hf_detectors)
+        from dfkd.detection.hf_detectors import build_hf_detector
+
+        model = build_hf_detector(**build)
     else:
         model = build_detector(**build)
     load_checkpoint_into(model, path)

@@ -67,6 +67,7 @@ class DetectionSettings:
     student_fpn: Optional[int] = None    # pyramid/head channels (default: half the teacher's)
     student_head_convs: int = 1
     student_kwargs: dict = dataclasses.field(default_factory=dict)  # backbone arguments (ViT sizes)
+    student_init: str = "scratch"     # scratch, or teacher: a YOLO student takes the teacher's channels
     train_path: Optional[str] = None  # real train images (box_real only)
     train_split: Optional[str] = None
     val_split: Optional[str] = None   # YOLO split / COCO json name part of data.path
@@ -106,6 +107,8 @@ def detection_settings(node: Mapping[str, Any] | None) -> DetectionSettings:
         v = getattr(s, k)
         if not (isinstance(v, (int, float)) and 0 <= v < float("inf")):
             raise DfkdError(f"detection.{k} must be a number ≥ 0, got {v!r}")
+    if s.student_init not in ("scratch", "teacher"):
+        raise DfkdError(f"detection.student_init must be scratch or teacher, got {s.student_init!r}")
     if not 0 <= s.score_thresh < 1:
         raise DfkdError(f"detection.score_thresh must be in [0, 1), got {s.score_thresh}")
     return s
@@ -134,6 +137,10 @@ def load_teacher_detector(teacher_cfg: Mapping[str, Any]):
 
     if is_tv_teacher(teacher_cfg):  # teacher=tv_detector: a torchvision builder name + a state dict
         return load_tv_teacher(teacher_cfg)
+    if str(teacher_cfg.get("source") or "") == "hf_detector":  # a transformers save_pretrained folder
+        from dfkd.detection.hf_detectors import load_hf_teacher
+
+        return load_hf_teacher(teacher_cfg)
     if is_yolo_teacher(teacher_cfg):  # teacher=yolo, or a YOLO .pt/.yaml file
         return load_yolo_teacher(teacher_cfg)
     if teacher_cfg.get("model") is not None:
@@ -189,6 +196,10 @@ def build_student_detector(tb: Mapping[str, Any], s: DetectionSettings):
         from dfkd.detection.tv_detectors import build_tv_student
 
         return build_tv_student(tb, s)
+    if tb.get("arch") == "hf":  # a smaller transformers detector of the teacher's type, or a dfkd FCOS
+        from dfkd.detection.hf_detectors import build_hf_student
+
+        return build_hf_student(tb, s)
     small = s.student_backbone == "small_cnn"
     width = s.student_width or max(2, int(tb.get("width", 16)) // 2)
     fpn = s.student_fpn or max(4, int(tb.get("fpn_channels", 32)) // 2)
@@ -317,6 +328,10 @@ def run_detection(cfg: Mapping[str, Any], run_dir: str | Path) -> dict[str, Any]
     teacher = DetectionTeacher(teacher_model)
     torch.manual_seed(seed)
     student = build_student_detector(tb, s).to(device)
+    if s.student_init == "teacher":  # the teacher's weights by channel selection (dfkd.detection.yolo_slim)
+        from dfkd.detection.yolo_task import init_yolo_student
+
+        init_yolo_student(student, teacher_model, tb, s)
     source, _ = build_detection_source(cfg["synthesizer"], teacher, student, tb, s, seed, device)
     kd_steps = s.kd_steps or int(getattr(syn_cls, "default_kd_steps", 4))
     atomic_write_json(run_dir / "config.json", cfg)
