@@ -6,10 +6,10 @@
 An optional extra: it needs the ``transformers`` package (not a dfkd dependency). ``teacher.checkpoint``
 is a local folder that ``save_pretrained`` wrote (``config.json`` + weights); it is read with
 ``from_pretrained(FOLDER, local_files_only=True)`` and the config's ``use_pretrained_backbone`` is
-switched off, so nothing is downloaded. Any ``AutoModelForObjectDetection`` whose outputs are DETR's —
-``logits`` over the classes (with a last "no object" class: DETR, YOLOS; or sigmoid per class: Conditional
-/ Deformable DETR) and ``pred_boxes`` (normalised cx, cy, w, h) — and which computes its set loss from
-``labels`` fits.
+switched off, so nothing is downloaded. An ``AutoModelForObjectDetection`` whose outputs are DETR's —
+``logits`` over the classes (with a last "no object" class, as DETR and YOLOS have, or sigmoid scores per
+class, as Conditional DETR has) and ``pred_boxes`` (normalised cx, cy, w, h) — and which computes its set
+loss from ``labels`` fits; DETR and YOLOS are tested.
 
 :class:`HFDetector` gives such a model the torchvision-style face of the detection task:
 
