@@ -20,7 +20,12 @@ Two image priors against high-frequency "fooling" patterns (both off by default)
 optimises an (H/f, W/f) variable that is upsampled bilinearly to the teacher's size (no detail finer
 than f pixels can appear), and ``crop_scale`` s < 1 shows the teacher a random resized crop of every
 image at every step (area in [s, 1], aspect ratio in [3/4, 4/3], one crop per image), so an image must
-keep its class under rescaling and shifts, not only at one pixel alignment.
+keep its class under rescaling and shifts, not only at one pixel alignment. ``spectrum_decay`` d > 0
+(pixel space only) optimises the image's 2-D Fourier coefficients scaled by 1/f^d instead of its pixels (the
+feature-visualisation parametrisation of Olah et al. 2017): the start is 1/f^d ("pink") noise, as natural
+images have, and Adam's per-coefficient steps move low frequencies as much as high ones in pixel terms.
+``saturation`` s < 1 (RGB, pixel space) scales every pixel's colour away from its grey level by s
+(``x_c = L + s·(x_c − L)``, L the channel mean): natural images' colour channels are strongly correlated.
 
 ``sparse_keep`` < 1 (timm ViT teachers) is sparse inversion after SMI: the patches the teacher attends to
 least are dropped from its tokens at the iterations ``sparse_at`` (fractions of the run), down to that
@@ -73,6 +78,8 @@ class DeepInversion(Synthesizer):
         crop_scale: float = 1.0,
         sparse_keep: float = 1.0,
         sparse_at: tuple = (0.2, 0.4, 0.6),
+        spectrum_decay: float = 0.0,
+        saturation: float = 1.0,
     ):
         super().__init__(teacher, batch_size, seed, device)
         if space not in ("pixel", "normalized"):
@@ -97,6 +104,23 @@ class DeepInversion(Synthesizer):
                             f"got {downsample!r}")
         if not 0.0 < self.crop_scale <= 1.0:
             raise DfkdError(f"deepinversion crop_scale must be in (0, 1], got {crop_scale!r}")
+        self.saturation = float(saturation)
+        if not 0.0 <= self.saturation <= 1.0 or (self.saturation < 1 and (space != "pixel" or self.input_size[0] != 3)):
+            raise DfkdError(f"deepinversion saturation must be in [0, 1] and < 1 only for RGB in space=pixel, "
+                            f"got {saturation!r}")
+        self.spectrum_decay = float(spectrum_decay)
+        self._spectrum_scale = None
+        if self.spectrum_decay < 0 or (self.spectrum_decay > 0 and space != "pixel"):
+            raise DfkdError(f"deepinversion spectrum_decay must be >= 0 and needs space=pixel, got {spectrum_decay!r}")
+        if self.spectrum_decay > 0:
+            lh, lw = h // self.downsample, w // self.downsample
+            f = torch.sqrt(torch.fft.fftfreq(lh)[:, None] ** 2 + torch.fft.rfftfreq(lw)[None, :] ** 2)
+            scale = 1.0 / f.clamp_min(1.0 / max(lh, lw)) ** self.spectrum_decay
+            g = torch.Generator().manual_seed(0)  # unit pixel std for a unit-variance spectrum
+            probe = torch.fft.irfft2(torch.complex(torch.randn(256, *f.shape, generator=g),
+                                                   torch.randn(256, *f.shape, generator=g)) * scale,
+                                     s=(lh, lw), norm="ortho")
+            self._spectrum_scale = (scale / probe.std()).to(self.device)
         # Fail at construction (not mid-run) when the prior does not fit the teacher.
         from dfkd.hooks import resolve_prior_name
 
@@ -119,6 +143,8 @@ class DeepInversion(Synthesizer):
 
     def _init(self) -> torch.Tensor:
         c, h, w = self.input_size
+        if self._spectrum_scale is not None:  # real and imaginary parts of the scaled spectrum
+            return self.init_std * self.randn(self.batch_size, c, *self._spectrum_scale.shape, 2)
         z = self.randn(self.batch_size, c, h // self.downsample, w // self.downsample)
         if self.space == "normalized":
             v = self.init_std * z
@@ -129,7 +155,15 @@ class DeepInversion(Synthesizer):
         return v
 
     def _up(self, v: torch.Tensor) -> torch.Tensor:
-        """The variable at the teacher's input size (bilinear upsampling when ``downsample`` > 1)."""
+        """The variable at the teacher's input size (bilinear upsampling when ``downsample`` > 1; pixels of
+        the spectrum when ``spectrum_decay`` > 0)."""
+        if self._spectrum_scale is not None:
+            lh, lw = self.input_size[-2] // self.downsample, self.input_size[-1] // self.downsample
+            v = 0.5 + torch.fft.irfft2(torch.view_as_complex(v.contiguous()) * self._spectrum_scale, s=(lh, lw),
+                                       norm="ortho")
+        if self.saturation < 1.0:
+            grey = v.mean(dim=1, keepdim=True)
+            v = grey + self.saturation * (v - grey)
         if self.downsample == 1:
             return v
         return F.interpolate(v, size=tuple(self.input_size[-2:]), mode="bilinear", align_corners=False)
@@ -152,6 +186,8 @@ class DeepInversion(Synthesizer):
 
     def _pixels(self, v: torch.Tensor) -> torch.Tensor:
         v = self._up(v)
+        if self._spectrum_scale is not None:
+            return v.clamp(0, 1)
         if self.space == "normalized":
             mean, std = self._scale(v)
             return v * std + mean
@@ -159,6 +195,8 @@ class DeepInversion(Synthesizer):
 
     @torch.no_grad()
     def _clamp_(self, v: torch.Tensor) -> None:
+        if self._spectrum_scale is not None:
+            return  # a spectrum has no range to keep; the pixels are clamped
         if self.space == "normalized":
             mean, std = self._scale(v)
             v.copy_(torch.maximum(torch.minimum(v, (1 - mean) / std), -mean / std))
@@ -207,7 +245,8 @@ class DeepInversion(Synthesizer):
                         loss = loss + self.w_tv * tv_fn(self._up(v))
                     if self.w_l2:
                         # the norm of the variable around its centre (0.5 in pixels, 0 when normalised)
-                        loss = loss + self.w_l2 * (l2_prior(v) if self.space == "pixel" else l2_prior(v + 0.5))
+                        c0 = self._up(v) if self._spectrum_scale is not None else v
+                        loss = loss + self.w_l2 * (l2_prior(c0) if self.space == "pixel" else l2_prior(v + 0.5))
                     loss_prior = prior.loss() if prior is not None else torch.zeros((), device=v.device)
                     loss = loss + self.w_bn * loss_prior
                     if use_adi:

@@ -39,6 +39,8 @@ ROWS = {
                   ["synthesizer=fast_meta", "synthesizer.prior=auto"]),
     "real": ("ceiling (uses real train images)", None, ["synthesizer=real"]),
 }
+SPEC = ["synthesizer.spectrum_decay=2.0", "synthesizer.saturation=0.4", "synthesizer.lr=0.05",
+        "synthesizer.crop_scale=0.4", "synthesizer.downsample=1"]
 # levers on the inversion settings (each one a row, the prior of the 'entropy' row unless named):
 # label -> (kind, prior, overrides on top of synthesizer=deepinversion_vit_cifar)
 LEVERS = {
@@ -63,9 +65,27 @@ LEVERS = {
                        f"{FREE}(bootstrap=1, heads=1, contrast=1)",
                        ["synthesizer.crop_scale=0.4", "synthesizer.downsample=2"]),
     "ce_only": ("lever: no prior, default image settings", "none", []),
+    # gentler pixel steps (lr 0.02: images stay unsaturated), smooth (16x16 upsampled) and crop-robust
+    "g": ("lever: entropy, lr 0.02, 16x16 upsampled + crop", "vit_patch_entropy",
+          ["synthesizer.lr=0.02", "synthesizer.crop_scale=0.4", "synthesizer.downsample=2"]),
+    "g_kd60": ("lever: g + 60 KD steps per round", "vit_patch_entropy",
+               ["synthesizer.lr=0.02", "synthesizer.crop_scale=0.4", "synthesizer.downsample=2", "distill.kd_steps=60"]),
+    "g_kd60_mix": ("lever: g + 60 KD steps per round + mixup/CutMix", "vit_patch_entropy",
+                   ["synthesizer.lr=0.02", "synthesizer.crop_scale=0.4", "synthesizer.downsample=2",
+                    "distill.kd_steps=60", "distill.mix=both"]),
+    "g_kd60_mix_b64": ("lever: g + 60 KD steps + mix, synthesis batches of 64", "vit_patch_entropy",
+                       ["synthesizer.lr=0.02", "synthesizer.crop_scale=0.4", "synthesizer.downsample=2",
+                        "distill.kd_steps=60", "distill.mix=both", "synthesizer.batch_size=64"]),
+    # natural-image statistics without data: 1/f^2 spectrum parametrisation, desaturated colour, crops
+    "s2": ("lever: entropy, 1/f^2 spectrum, saturation 0.4, crop", "vit_patch_entropy", [*SPEC]),
+    "s2_kd60": ("lever: s2 + 60 KD steps per round", "vit_patch_entropy", [*SPEC, "distill.kd_steps=60"]),
+    "s2_kd60_mix": ("lever: s2 + 60 KD steps + mixup/CutMix", "vit_patch_entropy",
+                    [*SPEC, "distill.kd_steps=60", "distill.mix=both"]),
+    "s2_none": ("lever: s2 without a prior", "none", [*SPEC]),
+    "s2_boot": ("lever: s2 with bootstrapped token statistics", "vit_bootstrap", [*SPEC]),
 }
 KINDS = {k: v[0] for k, v in {**ROWS, **LEVERS}.items()}
-STUDENTS = {"vit": "vit_cifar_small", "resnet20": "resnet20_cifar"}
+STUDENTS = {"vit": "vit_cifar_tiny", "vit_small": "vit_cifar_small", "resnet20": "resnet20_cifar"}
 
 
 def convert_teacher(data_root: Path, cache: Path) -> Path:
@@ -80,73 +100,10 @@ def convert_teacher(data_root: Path, cache: Path) -> Path:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", nargs="+", default=[r for r in ROWS if r not in ("adversarial", "fast_meta")],
-                    choices=[*ROWS, *LEVERS])
-    ap.add_argument("--name", default=None, help="results name (default b2_real_<student>)")
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
-    ap.add_argument("--student", choices=list(STUDENTS), default="vit")
-    ap.add_argument("--budget-minutes", type=float, default=1.5)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--test-limit", type=int, default=2000, help="seeded random test subset (0: all 10,000)")
-    ap.add_argument("--data-root", default=os.environ.get("DFKD_DATA"))
-    ap.add_argument("--out", type=Path, default=Path("results"))
-    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every row")
-    args = ap.parse_args()
-    if not args.data_root or not (Path(args.data_root) / ASHU).is_file():
-        raise SystemExit(f"error: needs --data-root or DFKD_DATA with {ASHU} and cifar10/")
-    os.environ.setdefault("DFKD_CACHE", str(Path(tempfile.gettempdir()) / "dfkd_bench_cache"))
-    cache = Path(os.environ["DFKD_CACHE"])
-    cache.mkdir(parents=True, exist_ok=True)
-
-    import torch
-
-    torch.set_num_threads(args.threads)
-    from dfkd.bench import compose, prepare_teacher, write_results
-    from dfkd.errors import DfkdError
-    from dfkd.pipeline import run_distill
-
-    started = time.perf_counter()
-    load0 = os.getloadavg()
-    ckpt = convert_teacher(Path(args.data_root), cache)
-    root = Path(args.data_root) / "cifar10"
-    df = ["synthesizer=deepinversion_vit_cifar"]
-    base = ["data=cifar10", f"data.root={root}", f"data.test_limit={args.test_limit or 'null'}",
-            "teacher=timm", f"teacher.checkpoint={ckpt}", "teacher.model=null",
-            f"student={STUDENTS[args.student]}", "loss=kd", "device=cpu", f"threads={args.threads}",
-            f"distill.budget_minutes={args.budget_minutes}", "distill.rounds=100000", "distill.eval_every=0",
-            "distill.checkpoint_every=0", "distill.batch_size=128", "distill.kd_steps=20", "distill.lr=1e-3",
-            "augment.crop_padding=4", "augment.flip=true"]
-    t = prepare_teacher("distill", [*base, *args.overrides])
-    teacher_top1 = t["teacher_top1"]
-    print(f"teacher top-1 on the test subset: {teacher_top1:.4f}", flush=True)
-
-    rows = []
-    name = args.name or f"b2_real_{args.student}"
-    for label in args.rows:
-        kind, prior, more = {**ROWS, **LEVERS}[label]
-        if prior is None:
-            extra = list(more)
-        elif prior == "none":
-            extra = [*df, "synthesizer.bn=0", *more]
-        else:
-            extra = [*df, f"synthesizer.prior='{prior}'", *more]
-        for seed in args.seeds:
-            overrides = [*base, f"seed={seed}", "progress=false", "resume=false", *extra, *args.overrides]
-            try:
-                s = run_distill(compose("distill", overrides), args.out / name / "runs" / f"{label}_seed{seed}")
-            except DfkdError as e:
-                print(f"{label:>10} seed {seed}: error: {e}", flush=True)
-                continue
-            s.update(method=label, kind=kind, overrides=overrides, prior=prior)
-            rows.append(s)
-            agree = s.get("synthesis", {}).get("syn/teacher_acc")
-            print(f"{label:>10} seed {seed}: student top-1 {s['student_top1']:.4f} ({s['distill_seconds']:.0f} s, "
-                  f"{s['rounds']} rounds, synth {s['synth_images_per_second'] or 0:.0f} img/s, requested-class "
-                  f"agreement {agree if agree is None else round(agree, 3)})", flush=True)
-
+def report(args, name: str, rows: list, teacher_top1: float, load0, started: float) -> str:
+    """Write results/<name>.{json,md} from the rows so far (called after every row: a crash keeps them)."""
     import dfkd.bench as bench
+    from dfkd.bench import write_results
 
     bench.KIND.update(KINDS)
     by: dict[str, list[float]] = {}
@@ -182,7 +139,79 @@ def main() -> None:
         text += ("\nRequested-class agreement (teacher on the synthetic images, mean over rounds and seeds): "
                  + ", ".join(f"{k} {v}" for k, v in extra_info["requested_class_agreement"].items()) + "\n")
         Path(m).write_text(text)
-    print(text)
+    return text
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", nargs="+", default=[r for r in ROWS if r not in ("adversarial", "fast_meta")],
+                    choices=[*ROWS, *LEVERS])
+    ap.add_argument("--name", default=None, help="results name (default b2_real_<student>)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--student", choices=list(STUDENTS), default="vit")
+    ap.add_argument("--budget-minutes", type=float, default=1.5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--test-limit", type=int, default=2000, help="seeded random test subset (0: all 10,000)")
+    ap.add_argument("--data-root", default=os.environ.get("DFKD_DATA"))
+    ap.add_argument("--out", type=Path, default=Path("results"))
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every row")
+    args = ap.parse_args()
+    if not args.data_root or not (Path(args.data_root) / ASHU).is_file():
+        raise SystemExit(f"error: needs --data-root or DFKD_DATA with {ASHU} and cifar10/")
+    os.environ.setdefault("DFKD_CACHE", str(Path(tempfile.gettempdir()) / "dfkd_bench_cache"))
+    cache = Path(os.environ["DFKD_CACHE"])
+    cache.mkdir(parents=True, exist_ok=True)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from dfkd.bench import compose, prepare_teacher
+    from dfkd.errors import DfkdError
+    from dfkd.pipeline import run_distill
+
+    started = time.perf_counter()
+    load0 = os.getloadavg()
+    ckpt = convert_teacher(Path(args.data_root), cache)
+    root = Path(args.data_root) / "cifar10"
+    df = ["synthesizer=deepinversion_vit_cifar"]
+    base = ["data=cifar10", f"data.root={root}", f"data.test_limit={args.test_limit or 'null'}",
+            "teacher=timm", f"teacher.checkpoint={ckpt}", "teacher.model=null",
+            f"student={STUDENTS[args.student]}", "loss=kd", "device=cpu", f"threads={args.threads}",
+            f"distill.budget_minutes={args.budget_minutes}", "distill.rounds=100000", "distill.eval_every=0",
+            "distill.checkpoint_every=0", "distill.batch_size=128", "distill.kd_steps=20", "distill.lr=1e-3",
+            # the rate is set once per round and rounds are long on a CPU: no warm-up round at ~0
+            "distill.warmup=0",
+            "augment.crop_padding=4", "augment.flip=true"]
+    t = prepare_teacher("distill", [*base, *args.overrides])
+    teacher_top1 = t["teacher_top1"]
+    print(f"teacher top-1 on the test subset: {teacher_top1:.4f}", flush=True)
+
+    rows = []
+    name = args.name or f"b2_real_{args.student}"
+    for label in args.rows:
+        kind, prior, more = {**ROWS, **LEVERS}[label]
+        if prior is None:
+            extra = list(more)
+        elif prior == "none":
+            extra = [*df, "synthesizer.bn=0", *more]
+        else:
+            extra = [*df, f"synthesizer.prior='{prior}'", *more]
+        for seed in args.seeds:
+            overrides = [*base, f"seed={seed}", "progress=false", "resume=false", *extra, *args.overrides]
+            try:
+                s = run_distill(compose("distill", overrides), args.out / name / "runs" / f"{label}_seed{seed}")
+            except (DfkdError, Exception) as e:  # one failing row must not lose the others
+                print(f"{label:>10} seed {seed}: error: {type(e).__name__}: {e}", flush=True)
+                continue
+            s.update(method=label, kind=kind, overrides=overrides, prior=prior)
+            rows.append(s)
+            agree = s.get("synthesis", {}).get("syn/teacher_acc")
+            print(f"{label:>10} seed {seed}: student top-1 {s['student_top1']:.4f} ({s['distill_seconds']:.0f} s, "
+                  f"{s['rounds']} rounds, synth {s['synth_images_per_second'] or 0:.0f} img/s, requested-class "
+                  f"agreement {agree if agree is None else round(agree, 3)})", flush=True)
+            report(args, name, rows, teacher_top1, load0, started)
+    print(report(args, name, rows, teacher_top1, load0, started))
+
 
 
 if __name__ == "__main__":

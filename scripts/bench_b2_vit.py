@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """B2: ViT teacher without BatchNorm -> smaller ViT student, side by side, same budget per row.
 
-Rows: noise KD (floor), data-free DeepInversion with the ViT priors (``prior=vit``: token statistics +
-patch-similarity entropy matched to the teacher's on real images), real-data KD (ceiling), and an
-ablation of priors (token statistics only, PSAQ-ViT entropy only, no prior) and student losses
-(manifold, DeiT distillation token, feature KD). Every data-free row uses the same DeepInversion
+Rows: noise KD (floor); teacher-only DeepInversion (the headline: nothing but the teacher's weights —
+PSAQ-ViT entropy, bootstrapped token statistics, with or without random-resized-crop views); DeepInversion
+with statistics recorded on the teacher's real train split (``prior=vit``: token statistics + entropy
+matched to the real images' value; labelled, never the headline); real-data KD (ceiling); and an ablation
+of priors (token statistics only, no prior) and student losses (manifold, DeiT distillation token, feature KD). Every data-free row uses the same DeepInversion
 settings (digits: configs/synthesizer/deepinversion_vit_digits.yaml) and only swaps the prior or loss.
 Writes results/b2_vit_<task>.{json,md}. Extra Hydra overrides on the command line apply to every row.
 
@@ -26,18 +27,26 @@ from pathlib import Path
 
 # label -> (kind, overrides). The synthesizer and loss come from the overrides; {df} is the data-free
 # synthesizer of the mode (digits: configs/synthesizer/deepinversion_vit_digits.yaml, whose prior is vit).
+FREE = "data-free: teacher only"
+RECORDED = "uses statistics recorded on real train images (not data-free)"
 ROWS = {
     "noise": ("floor (not data-free)", ["synthesizer=noise"]),
-    "vit": ("data-free", ["{df}", "synthesizer.prior=vit"]),
+    # teacher only: nothing recorded on real data
+    "entropy_only": (f"{FREE} (PSAQ-ViT entropy)", ["{df}", "synthesizer.prior=vit_patch_entropy"]),
+    "entropy_crop": (f"{FREE} (PSAQ-ViT entropy, random resized crops)",
+                     ["{df}", "synthesizer.prior=vit_patch_entropy", "++synthesizer.crop_scale=0.5"]),
+    "bootstrap": (f"{FREE} (bootstrapped token statistics)", ["{df}", "synthesizer.prior=vit_bootstrap"]),
+    "bootstrap_crop": (f"{FREE} (bootstrapped token statistics, random resized crops)",
+                       ["{df}", "synthesizer.prior=vit_bootstrap", "++synthesizer.crop_scale=0.5"]),
+    "vit": (RECORDED, ["{df}", "synthesizer.prior=vit"]),
     "real": ("ceiling (uses real train images)", ["synthesizer=real"]),
     # ablation: priors (same synthesizer settings, another prior)
-    "stats_only": ("ablation: prior", ["{df}", "synthesizer.prior=vit_token_stats"]),
-    "entropy_only": ("ablation: prior", ["{df}", "synthesizer.prior=vit_patch_entropy"]),
+    "stats_only": (f"ablation: prior ({RECORDED})", ["{df}", "synthesizer.prior=vit_token_stats"]),
     "no_prior": ("ablation: prior", ["{df}", "synthesizer.bn=0"]),
     # ablation: student losses (with prior=vit)
-    "vit+manifold": ("ablation: loss", ["{df}", "synthesizer.prior=vit", "loss=manifold"]),
-    "vit+deit": ("ablation: loss", ["{df}", "synthesizer.prior=vit", "loss=deit", "student={deit}"]),
-    "vit+feature": ("ablation: loss", ["{df}", "synthesizer.prior=vit", "loss=feature"]),
+    "vit+manifold": (f"ablation: loss ({RECORDED})", ["{df}", "synthesizer.prior=vit", "loss=manifold"]),
+    "vit+deit": (f"ablation: loss ({RECORDED})", ["{df}", "synthesizer.prior=vit", "loss=deit", "student={deit}"]),
+    "vit+feature": (f"ablation: loss ({RECORDED})", ["{df}", "synthesizer.prior=vit", "loss=feature"]),
 }
 
 def main() -> None:
@@ -103,17 +112,25 @@ def main() -> None:
     import dfkd.bench as bench
 
     bench.KIND.update({label: kind for label, (kind, _) in ROWS.items()})
-    by = {r["method"]: r["student_top1"] for r in rows}
+    acc: dict[str, list[float]] = {}
+    for r in rows:
+        acc.setdefault(r["method"], []).append(r["student_top1"])
+    by = {k: sum(v) / len(v) for k, v in acc.items()}
+    free = {k: v for k, v in by.items() if ROWS[k][0].startswith(FREE)}
+    head = max(free, key=free.get) if free else None
     extra_info = {
         "task": ("CIFAR-10, ViT teacher (8x192, patch 4) -> ViT student (4x128)" if args.cifar10 else
                  "sklearn digits 8x8, ViT teacher (4x96, patch 2, 0.3 M params) -> ViT student (4x64, 0.14 M)"),
         "budget_minutes_per_row": budget,
         "teacher_train_seconds": round(teacher_seconds, 1),
-        "data_free_over_ceiling": round(by["vit"] / by["real"], 4) if "vit" in by and by.get("real") else None,
-        "data_free_minus_floor": round(by["vit"] - by["noise"], 4) if "vit" in by and "noise" in by else None,
-        "note": "token statistics (and the patch-similarity entropy of real images) are recorded from the "
-                "teacher on its train split when it is trained, as BatchNorm running statistics are; "
-                "entropy_only (PSAQ-ViT, entropy maximised) uses no such statistics",
+        "headline_teacher_only_row": head,
+        "teacher_only_over_ceiling": round(by[head] / by["real"], 4) if head and by.get("real") else None,
+        "teacher_only_minus_floor": round(by[head] - by["noise"], 4) if head and "noise" in by else None,
+        "recorded_statistics_over_ceiling (not data-free)":
+            round(by["vit"] / by["real"], 4) if "vit" in by and by.get("real") else None,
+        "note": "teacher-only rows use nothing but the teacher's weights; rows marked as using recorded "
+                "statistics use token statistics (and the patch-similarity entropy of real images) recorded "
+                "from the teacher on its train split when it was trained, as BatchNorm running statistics are",
     }
     _, m = write_results(name, title, args.out, rows, teacher_top1, extra_info, started)
     print(Path(m).read_text())

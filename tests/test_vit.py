@@ -127,6 +127,22 @@ def test_deepinversion_low_resolution_variable_and_random_resized_crop(vit_teach
         build_synthesizer("deepinversion", vit_teacher, batch_size=4, crop_scale=0.0)
 
 
+@pytest.mark.parametrize("downsample", [1, 2])
+def test_deepinversion_spectrum_parametrisation(vit_teacher, downsample):
+    from generators import build_synthesizer
+
+    syn = build_synthesizer("deepinversion", vit_teacher, batch_size=4, seed=0, iterations=3, spectrum_decay=1.0,
+                            downsample=downsample, crop_scale=0.5, prior="vit_patch_entropy", l2=1e-3)
+    v = syn._init()
+    assert v.shape == (4, 3, 8 // downsample, 8 // downsample // 2 + 1, 2)
+    assert abs(float(syn._up(v).std()) - 0.2) < 0.1  # pink noise around grey with the requested pixel std
+    b = syn.step()
+    assert b.images.shape == (4, 3, 8, 8) and 0 <= b.images.min() and b.images.max() <= 1
+    assert torch.isfinite(b.images).all() and _hooks(vit_teacher) == 0
+    with pytest.raises(DfkdError, match="spectrum_decay"):
+        build_synthesizer("deepinversion", vit_teacher, batch_size=4, spectrum_decay=1.0, space="normalized")
+
+
 def test_deepinversion_defaults_unchanged_by_new_options(vit_teacher):
     from generators import build_synthesizer
 
