@@ -2,8 +2,10 @@
 """B4-real: a real detector (the shared YOLOv5n) distilled data-free into a narrower YOLO, against its floor
 and ceiling, through ``dfkd-distill task=detection teacher=yolo`` (``dfkd.pipeline.run_distill``).
 
-Rows, the same student (the teacher's architecture at ``--width-multiple``), the same settings and the
-same wall-clock budget each (``detection.budget_minutes``):
+Rows, the same student (the teacher's architecture at ``--width-multiple``, from the same start:
+``--student-init scratch`` or ``teacher``, the teacher's weights by channel selection,
+:mod:`dfkd.detection.yolo_slim`), the same settings and the same wall-clock budget each
+(``detection.budget_minutes``), after the student's mAP as it starts (no training):
 
 * ``box_noise`` — Gaussian images, the teacher's detections as targets (the floor, not data-free);
 * ``box_inversion`` — DIODE-style box-conditioned inversion against the teacher's loss and its
@@ -49,6 +51,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     a("--threads", type=int, default=1)
     a("--device", default="cpu")
     a("--width-multiple", type=float, default=None, help="the student's (default: half the teacher's)")
+    a("--student-init", choices=["scratch", "teacher"], default="scratch",
+      help="the student's start: a fresh initialisation, or the teacher's weights by channel selection")
+    a("--importance", choices=["bn", "l1"], default="bn",
+      help="with --student-init teacher: keep the channels of largest BatchNorm |γ| or filter L1 norm")
     a("--kd-batch", type=int, default=8)
     a("--lr", type=float, default=5e-3)
     a("--memory-size", type=int, default=256)
@@ -83,6 +89,9 @@ def overrides(args: argparse.Namespace, row: str, score_teacher: bool) -> list[s
         common.append(f"detection.max_val_images={args.max_val_images}")
     if args.width_multiple:
         common.append(f"+detection.student_kwargs.width_multiple={args.width_multiple}")
+    if args.student_init != "scratch":
+        common += [f"detection.student_init={args.student_init}",
+                   f"+detection.student_kwargs.importance={args.importance}"]
     if row == "box_inversion":
         return [*common, "synthesizer=box_inversion", f"synthesizer.batch_size={args.inv_batch}",
                 f"synthesizer.iterations={args.inv_iterations}", f"detection.kd_steps={args.inv_kd_steps}"]
@@ -107,6 +116,34 @@ def command() -> str:
     return " ".join(shlex.quote(a) for a in ["python", "scripts/bench_b4_real.py", *out])
 
 
+def untrained_student(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """mAP of the student as it starts (``--student-init``), before any distillation step."""
+    from dfkd.bench import compose
+    from dfkd.detection.models import detector_metadata
+    from dfkd.detection.run import (build_student_detector, detection_settings, load_eval_set,
+                                    load_teacher_detector, score_detector)
+    from dfkd.detection.yolo_task import init_yolo_student
+    from dfkd.pipeline import _plain, setup_runtime
+
+    cfg = _plain(compose("distill", overrides(args, "box_real", score_teacher=False)))
+    s = detection_settings(cfg["detection"])
+    device = setup_runtime(cfg)
+    teacher = load_teacher_detector(cfg["teacher"])
+    tb = detector_metadata(teacher)
+    import torch
+
+    torch.manual_seed(args.seed)
+    student = build_student_detector(tb, s)
+    if s.student_init == "teacher":
+        init_yolo_student(student, teacher, tb, s)
+    student.to(device).eval()
+    t0 = time.perf_counter()
+    r = score_detector(student, load_eval_set(cfg["data"], s.val_split, tb["in_chans"]), s, device, s.max_val_images)
+    return {"method": "untrained", "kind": f"the student as it starts ({args.student_init}), no training",
+            "map": r["map"], "map50": r["map50"], "map75": r["map75"], "eval_seconds": round(time.perf_counter() - t0, 1),
+            "student_params": sum(p.numel() for p in student.parameters())}
+
+
 def run(args: argparse.Namespace) -> int:
     import tempfile
 
@@ -123,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="b4_real_"))
     rows: list[dict[str, Any]] = []
     teacher: dict[str, Any] = {}
+    start = untrained_student(args, work)
+    print(f"untrained   mAP {start['map']:.4f}  mAP@.5 {start['map50']:.4f}", flush=True)
     for i, row in enumerate(args.rows):
         ov = overrides(args, row, score_teacher=i == 0)
         t0 = time.perf_counter()
@@ -156,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
               f"{s['images_synthesized']} images, {wall:.0f} s)", flush=True)
     by = {r["method"]: r for r in rows}
     ceiling = by.get("box_real", {}).get("map50")
-    for r in rows:
+    for r in [start, *rows]:
         r["ratio_to_ceiling_map50"] = (r["map50"] / ceiling) if ceiling else None
         r["ratio_to_teacher_map50"] = (r["map50"] / teacher["map50"]) if teacher.get("map50") else None
     hw = hardware()
@@ -167,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                      if k not in ("weights", "data", "work", "out", "name")},
         "hardware": hw, "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
-        "wall_seconds": round(time.perf_counter() - started, 1), "rows": rows,
+        "wall_seconds": round(time.perf_counter() - started, 1), "untrained_student": start, "rows": rows,
     }
     fmt = (lambda v: "-" if v is None else f"{v:.4f}")
     df = by.get("box_inversion", {})
@@ -177,7 +216,11 @@ def run(args: argparse.Namespace) -> int:
         f"- command: `{payload['command']}`",
         f"- teacher: the shared YOLOv5n (`{Path(args.weights).name}`, {teacher.get('params', 0):,} parameters), "
         f"teacher=yolo; student: its architecture at {'half' if not args.width_multiple else args.width_multiple} "
-        f"the width multiple, {rows[0]['student_params']:,} parameters, trained from scratch",
+        f"the width multiple, {start['student_params']:,} parameters, "
+        + ("trained from scratch" if args.student_init == "scratch" else
+           f"initialised from the teacher by channel selection (every convolution keeps the teacher's channels of "
+           f"largest {'BatchNorm |γ|' if args.importance == 'bn' else 'filter L1 norm'}; "
+           "`detection.student_init=teacher`), the same start for every row"),
         f"- data: coco128 (128 COCO train2017 images, 71 classes with boxes), letterboxed to {args.image_size} px; "
         "COCO mAP by pycocotools (confidence ≥ 0.001, NMS IoU 0.45, 100 detections per image)",
         f"- budget: {args.budget_minutes} min of distillation per row (synthesis included), seed {args.seed}; "
@@ -192,6 +235,8 @@ def run(args: argparse.Namespace) -> int:
         "| row | kind | mAP@[.5:.95] | mAP@.5 | mAP@.5 / ceiling | steps | images made | synthesis s | pseudo-boxes / image |",
         "|---|---|---|---|---|---|---|---|---|",
         f"| teacher (YOLOv5n) | — | {fmt(teacher.get('map'))} | {fmt(teacher.get('map50'))} | — | — | — | — | — |",
+        f"| untrained student | {start['kind']} | {fmt(start['map'])} | {fmt(start['map50'])} "
+        f"| {fmt(start['ratio_to_ceiling_map50'])} | 0 | — | — | — |",
     ]
     for r in rows:
         lines.append(f"| {r['method']} | {r['kind']} | {fmt(r['map'])} | {fmt(r['map50'])} "

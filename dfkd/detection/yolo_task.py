@@ -31,7 +31,10 @@ Students (:func:`build_yolo_task_student`): ``detection.student_backbone=yolo`` 
 default) is the teacher's own architecture description with a smaller width multiple (default half
 the teacher's) and depth multiple (default the teacher's), ``detection.student_kwargs.width_multiple``
 / ``depth_multiple`` to choose; same strides, anchors and classes, so head matching and class KD
-apply. Any other backbone (``small_cnn``, ``resnet*_cifar``, ``vit_tiny``, a timm ViT) gives a
+apply. ``detection.student_init=teacher`` starts that student from the teacher's weights by channel
+selection (:mod:`dfkd.detection.yolo_slim`; ``detection.student_kwargs.importance``: ``bn``, the
+BatchNorm |γ| (default), or ``l1``, the filter's L1 norm); ``scratch`` (the default) from a fresh
+initialisation. Any other backbone (``small_cnn``, ``resnet*_cifar``, ``vit_tiny``, a timm ViT) gives a
 dfkd FCOS for the teacher's classes and input size, trained on the teacher's pseudo-boxes only.
 """
 
@@ -53,7 +56,7 @@ from dfkd.errors import DfkdError, close_matches
 
 YOLO_FILE_SUFFIXES = (".pt", ".yaml", ".yml")
 TEACHER_KWARGS = ("image_size", "conf_thres", "iou_thres", "max_det", "seed")
-STUDENT_KWARGS = ("width_multiple", "depth_multiple")
+STUDENT_KWARGS = ("width_multiple", "depth_multiple", "importance")
 
 
 class YOLOHeadView(nn.Module):
@@ -254,7 +257,7 @@ def build_yolo_task_student(tb: Mapping[str, Any], s) -> nn.Module:
             if k not in STUDENT_KWARGS:
                 raise DfkdError(f"unknown YOLO student setting detection.student_kwargs.{k}"
                                 f"{close_matches(k, STUDENT_KWARGS)}; its settings: {', '.join(STUDENT_KWARGS)}")
-        for k in STUDENT_KWARGS:
+        for k in ("width_multiple", "depth_multiple"):
             v = kw.get(k)
             if v is not None and not (isinstance(v, (int, float)) and 0 < v < math.inf):
                 raise DfkdError(f"detection.student_kwargs.{k} must be a positive number, got {v!r}")
@@ -271,3 +274,14 @@ def build_yolo_task_student(tb: Mapping[str, Any], s) -> nn.Module:
                           score_thresh=tb.get("score_thresh", 0.25), nms_thresh=0.5,
                           detections_per_img=tb.get("detections_per_img", 100), topk_candidates=1000,
                           backbone_kwargs=kw)
+
+
+def init_yolo_student(student: nn.Module, teacher: nn.Module, tb: Mapping[str, Any], s) -> nn.Module:
+    """``detection.student_init=teacher``: a YOLO student of a YOLO teacher gets the teacher's weights by
+    channel selection (:func:`dfkd.detection.yolo_slim.init_from_teacher`); any other pair is one line."""
+    from dfkd.detection.yolo_slim import init_from_teacher
+
+    if tb.get("arch") != "yolo" or not isinstance(getattr(student, "model", None), YOLOModel):
+        raise DfkdError("detection.student_init=teacher needs a YOLO teacher (teacher=yolo) and a YOLO student "
+                        "(detection.student_backbone=yolo)")
+    return init_from_teacher(student, teacher, str((s.student_kwargs or {}).get("importance", "bn")))
