@@ -110,8 +110,12 @@ def redact_paths(obj: Any, extra: Optional[Mapping[Any, str]] = None) -> Any:
     placeholder that names them (``{work: "$WORK"}``), replaced first."""
     import os
 
-    subs = [(os.environ.get("DFKD_DATA"), "$DFKD_DATA"), (str(Path.home()), "~")]
-    subs = [(str(Path(a).resolve()) if a else None, b) for a, b in subs] + subs
+    import tempfile
+
+    subs = [(os.environ.get("DFKD_DATA"), "$DFKD_DATA"), (str(Path.cwd()) + os.sep, ""),
+            (tempfile.gettempdir(), "$TMPDIR"), (str(Path.home()), "~")]
+    subs = [(str(Path(a).resolve()) + (os.sep if a.endswith(os.sep) else "") if a else None, b)
+            for a, b in subs] + subs
     subs = [(str(a), b) for a, b in (extra or {}).items() if a] + subs
     return _redact(obj, subs)
 
@@ -327,7 +331,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     ix.add_argument("--title", required=True)
     ix.add_argument("--keys", nargs="*", default=[], help="dotted JSON paths shown per file, e.g. settings.class_kd")
     ix.add_argument("--metric", default="map50", help="row field with a <metric>_per_seed list beside it")
+    rd = sub.add_parser("redact", help="name folders in existing results files by a placeholder (path strings only)")
+    rd.add_argument("files", nargs="+", type=Path)
+    rd.add_argument("--replace", nargs="+", required=True, metavar="FOLDER=PLACEHOLDER",
+                    help="e.g. /abs/checkout/results=results")
     args = ap.parse_args(argv)
+    if args.cmd == "redact":
+        try:
+            pairs = dict(r.split("=", 1) for r in args.replace)
+            if any(not a.startswith("/") or len(a) < 2 for a in pairs):
+                raise ValueError("each FOLDER must be an absolute path")
+            for f in args.files:
+                text = f.read_text()
+                if f.suffix == ".json":  # strings inside the JSON only; numbers and keys are untouched
+                    out = json.dumps(redact_paths(json.loads(text), pairs), indent=2) + "\n"
+                else:
+                    out = redact_paths(text, pairs)
+                atomic_write_bytes(f, out.encode())
+        except (ValueError, OSError, json.JSONDecodeError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     try:
         print(index_folder(args.folder, args.title, args.keys, args.metric,
                            argv=["python", "-m", "dfkd.bench", *(sys.argv[1:] if argv is None else argv)]), end="")

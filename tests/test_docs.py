@@ -68,3 +68,24 @@ def test_b4_results_tables_render_from_their_json():
         assert text == j.with_suffix(".md").read_text(), f"{j.with_suffix('.md').name} differs from its JSON"
         checked += 1
     assert checked >= 2
+
+
+def test_no_results_file_or_readme_names_a_folder_of_the_machine_that_wrote_it():
+    """Results files and the README name folders by their option or placeholder ($DFKD_DATA, $WORK, $OUT,
+    ~), never by an absolute path of the machine a benchmark ran on."""
+    import subprocess
+
+    tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files", "results", "README.md"], capture_output=True,
+                             text=True).stdout.split()
+    if not tracked:  # not a git checkout (an sdist): look at what is there
+        tracked = [str(p.relative_to(ROOT)) for p in (ROOT / "results").rglob("*") if p.is_file()] + ["README.md"]
+    pattern = re.compile(r"(?:^|[\s`'\"=(:,\[])(/(?:home|work|tmp|root|Users|mnt|scratch|private|var/folders)/[^\s`'\",)\]]*)")
+    found = {}
+    for rel in tracked:
+        p = ROOT / rel
+        if p.suffix not in (".md", ".json", ".txt", ".csv", ".yaml") or not p.is_file():
+            continue
+        hits = pattern.findall(p.read_text(errors="replace"))
+        if hits:
+            found[rel] = sorted(set(hits))[:3]
+    assert not found, f"absolute paths of a machine in results/README: {found}"
