@@ -418,3 +418,19 @@ def test_dfkd_distill_a_tv_detector_end_to_end(files, tmp_path):
     assert type(student).__name__ == "TVSSD" and student.num_classes == 3
     assert err.returncode == 2 and err.stderr.count("\n") == 1 and "cannot read checkpoint" in err.stderr, err.stderr
     assert "Traceback" not in err.stderr
+
+
+def test_a_faster_rcnn_teacher_runs_without_dense_head_terms(files, tmp_path):
+    """Faster R-CNN has no dense head: the command drops ADI (with a warning) and skips class KD, and the run
+    goes on with the teacher's pseudo-boxes; both detectors are scored."""
+    from dfkd.pipeline import run_distill
+
+    with pytest.warns(UserWarning, match="need torchvision detectors with a .head"):
+        s = run_distill(composed("teacher=tv_detector", "teacher.model=fasterrcnn_mobilenet_v3_large_fpn",
+                                 f"teacher.checkpoint={files['faster_rcnn_mbv3']}", f"teacher.kwargs.image_size={SIZE}",
+                                 "teacher.kwargs.detections_per_img=3", "data=yolo", f"data.path={files['data']}",
+                                 "synthesizer=box_inversion", "synthesizer.iterations=1", "synthesizer.flip=false",
+                                 "synthesizer.bn=0.001", *LOOP, "detection.score_thresh=0.0"), tmp_path / "run")
+    assert s["adi"] == 0.0 and s["class_kd"] == 0.0 and not s["head_matching"]
+    assert s["student"]["backbone"] == "mobilenet_v3_small" and s["teacher"]["name"] == "fasterrcnn_mobilenet_v3_large_fpn"
+    assert s["val_images"] == 4 and 0.0 <= s["student_map50"] <= 1.0 and 0.0 <= s["teacher_map50"] <= 1.0
