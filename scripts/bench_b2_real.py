@@ -37,10 +37,18 @@ ROWS = {
                     ["synthesizer=adversarial", "synthesizer.prior=auto"]),
     "fast_meta": ("data-free: teacher only (Fast-DFKD meta generator + PSAQ entropy)", None,
                   ["synthesizer=fast_meta", "synthesizer.prior=auto"]),
+    # natural-image parametrisation (1/f^2 spectrum, desaturated colour, random-resized-crop views), cheaper
+    # synthesis (10 iterations) and more student steps per synthetic batch (30)
+    "spec_entropy": ("data-free: teacher only (PSAQ-ViT entropy, 1/f^2 spectrum images)", "vit_patch_entropy",
+                     ["{SPEC}", "synthesizer.iterations=10", "distill.kd_steps=30"]),
+    "spec_bootstrap": ("data-free: teacher only (bootstrapped token statistics + entropy, 1/f^2 spectrum images)",
+                       "vit_bootstrap", ["{SPEC}", "synthesizer.iterations=10", "distill.kd_steps=30"]),
     "real": ("ceiling (uses real train images)", None, ["synthesizer=real"]),
 }
 SPEC = ["synthesizer.spectrum_decay=2.0", "synthesizer.saturation=0.4", "synthesizer.lr=0.05",
         "synthesizer.crop_scale=0.4", "synthesizer.downsample=1"]
+ROWS = {k: (kind, prior, [x for o in more for x in (SPEC if o == "{SPEC}" else [o])]) for k, (kind, prior, more) in ROWS.items()}
+FAST = ["synthesizer.iterations=10", "synthesizer.batch_size=64", "distill.kd_steps=60"]
 # levers on the inversion settings (each one a row, the prior of the 'entropy' row unless named):
 # label -> (kind, prior, overrides on top of synthesizer=deepinversion_vit_cifar)
 LEVERS = {
@@ -83,6 +91,12 @@ LEVERS = {
                     [*SPEC, "distill.kd_steps=60", "distill.mix=both"]),
     "s2_none": ("lever: s2 without a prior", "none", [*SPEC]),
     "s2_boot": ("lever: s2 with bootstrapped token statistics", "vit_bootstrap", [*SPEC]),
+    # cheaper synthesis, more student steps per synthetic image: 10 iterations, batches of 64, 60 KD steps
+    "s2f": ("lever: s2 + 10 iterations, batches of 64, 60 KD steps", "vit_patch_entropy", [*SPEC, *FAST]),
+    "s2f_mix": ("lever: s2f + mixup/CutMix", "vit_patch_entropy", [*SPEC, *FAST, "distill.mix=both"]),
+    "s2f_none": ("lever: s2f without a prior", "none", [*SPEC, *FAST]),
+    "pixf": ("lever: pixel parametrisation (lr 0.1, no crop) + 10 iterations, batches of 64, 60 KD steps",
+             "vit_patch_entropy", [*FAST]),
 }
 KINDS = {k: v[0] for k, v in {**ROWS, **LEVERS}.items()}
 STUDENTS = {"vit": "vit_cifar_tiny", "vit_small": "vit_cifar_small", "resnet20": "resnet20_cifar"}
