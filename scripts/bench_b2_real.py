@@ -114,6 +114,21 @@ def convert_teacher(data_root: Path, cache: Path) -> Path:
     return out
 
 
+def redact_files(name: str, out: Path, cache: Path | None = None) -> None:
+    """Replace this machine's output and cache folders in results/<name>.{json,md} with placeholders."""
+    subs = [(str(out.resolve()), "results"), (str(out), "results")]
+    cache = cache or Path(os.environ.get("DFKD_CACHE", Path(tempfile.gettempdir()) / "dfkd_bench_cache"))
+    subs += [(str(cache.resolve()), "$DFKD_CACHE"), (str(cache), "$DFKD_CACHE")]
+    for ext in ("json", "md"):
+        f = out / f"{name}.{ext}"
+        if f.is_file():
+            text = f.read_text()
+            for a, b in subs:
+                if a not in (".", "/"):
+                    text = text.replace(a, b)
+            f.write_text(text)
+
+
 def report(args, name: str, rows: list, teacher_top1: float, load0, started: float) -> str:
     """Write results/<name>.{json,md} from the rows so far (called after every row: a crash keeps them)."""
     import dfkd.bench as bench
@@ -153,7 +168,8 @@ def report(args, name: str, rows: list, teacher_top1: float, load0, started: flo
         text += ("\nRequested-class agreement (teacher on the synthetic images, mean over rounds and seeds): "
                  + ", ".join(f"{k} {v}" for k, v in extra_info["requested_class_agreement"].items()) + "\n")
         Path(m).write_text(text)
-    return text
+    redact_files(name, args.out)
+    return Path(m).read_text()
 
 
 def main() -> None:
