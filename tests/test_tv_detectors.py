@@ -177,9 +177,11 @@ def test_ssd300_vgg16_loads_and_detects(tmp_path):
     from dfkd.detection.models import DetectionTeacher
     from dfkd.detection.tv_detectors import load_tv_teacher
 
-    torch.manual_seed(0)
-    state = torchvision.models.detection.ssd300_vgg16(weights=None, weights_backbone=None,
-                                                      num_classes=TV_CLASSES).state_dict()
+    with torch.device("meta"):  # only the shapes: the builder's whole VGG16 is not made twice
+        shapes = torchvision.models.detection.ssd300_vgg16(weights=None, weights_backbone=None,
+                                                           num_classes=TV_CLASSES).state_dict()
+    g = torch.Generator().manual_seed(0)
+    state = {k: 0.02 * torch.randn(v.shape, generator=g) for k, v in shapes.items()}
     torch.save(state, tmp_path / "ssd.pt")
     teacher = DetectionTeacher(load_tv_teacher({"model": "ssd300_vgg16", "checkpoint": str(tmp_path / "ssd.pt"),
                                                 "kwargs": SETTINGS}))
