@@ -18,7 +18,12 @@ channel index sets travel through the graph as the network computes:
 * Detect keeps all its output channels (anchors × (5 + classes), or DFL bins + classes) and selects
   its inputs; a v8 head's inner convolutions select like any other.
 
-BatchNorm layers take the kept channels' γ, β and running statistics. With the teacher's own width
+BatchNorm layers take the kept channels' γ, β and running statistics. Optionally (``images=`` of
+:func:`init_from_teacher`: real or synthetic images), each convolution also compensates for the input
+channels it no longer reads: under the teacher's channel mean and covariance of that input on the images
+(:func:`input_statistics`), every dropped channel is replaced by its least-squares estimate from the kept
+ones — folded into the kept filters, the constant into the following BatchNorm's running mean (or the
+convolution's bias). With the teacher's own width
 multiple every selection is the identity and the student equals the teacher. A student with a
 smaller depth multiple (fewer bottlenecks in a block) keeps each block's first bottlenecks; a
 student wider or deeper than the teacher anywhere is one :class:`~dfkd.errors.DfkdError` line.
@@ -64,6 +69,8 @@ class _Slimmer:
             raise DfkdError(f"unknown channel importance {importance!r}{close_matches(importance, IMPORTANCE)}; "
                             f"choose one of: {', '.join(IMPORTANCE)}")
         self.kind = importance
+        self.stats = None
+        self.ridge = 1e-3
         self.names = {m: n for n, m in student.named_modules()}
         self.state: dict[str, torch.Tensor] = {}
 
@@ -88,13 +95,24 @@ class _Slimmer:
         w = t.weight.detach()
         if out is not None:
             w = w[out]
-        self.put(s, "weight", w[:, x.idx])
+        shift = None
+        st = self.stats.get(t) if self.stats else None
+        if st is not None and len(x.idx) < x.n:
+            w, shift = _compensate(w, x.idx, *st, ridge=self.ridge)
+        else:
+            w = w[:, x.idx]
+        self.put(s, "weight", w)
         if t.bias is not None:
-            self.put(s, "bias", t.bias.detach() if out is None else t.bias.detach()[out])
+            b = t.bias.detach() if out is None else t.bias.detach()[out]
+            self.put(s, "bias", b + shift if shift is not None else b)
+        return shift
 
-    def bn(self, t: nn.BatchNorm2d, s: nn.BatchNorm2d, out: torch.Tensor) -> None:
+    def bn(self, t: nn.BatchNorm2d, s: nn.BatchNorm2d, out: torch.Tensor, shift=None) -> None:
         for attr in ("weight", "bias", "running_mean", "running_var"):
-            self.put(s, attr, getattr(t, attr)[out])
+            v = getattr(t, attr)[out]
+            if attr == "running_mean" and shift is not None:
+                v = v - shift  # the convolution's output lacks the constant ``shift``: so does its mean
+            self.put(s, attr, v)
         self.put(s, "num_batches_tracked", t.num_batches_tracked)
 
     def conv(self, t: B.Conv, s: B.Conv, x: Sel, forced: Optional[torch.Tensor] = None,
@@ -104,8 +122,8 @@ class _Slimmer:
         if len(out) != s.conv.out_channels:
             raise DfkdError(f"channel bookkeeping: {self.names[s]} has {s.conv.out_channels} output channels, "
                             f"its forced selection {len(out)}")
-        self.conv2d(t.conv, s.conv, x, out)
-        self.bn(t.bn, s.bn, out)
+        shift = self.conv2d(t.conv, s.conv, x, out)
+        self.bn(t.bn, s.bn, out, shift)
         return Sel(out, t.conv.out_channels)
 
     # -- blocks ----------------------------------------------------------------------------
@@ -209,6 +227,53 @@ class _Slimmer:
                         f"{type(t).__name__}")
 
 
+def _compensate(w, keep, mean, cov, ridge=1e-3):
+    """The filter ``w`` (O, I, kh, kw) reading only the input channels ``keep``: each dropped channel is
+    replaced by its least-squares estimate from the kept ones (``x_r ≈ A x_k + b`` under the input's channel
+    ``mean`` and covariance ``cov``); returns the new filter and the constant it adds to the output."""
+    n = w.shape[1]
+    drop = torch.ones(n, dtype=torch.bool)
+    drop[keep] = False
+    drop = drop.nonzero().flatten()
+    ckk = cov[keep][:, keep].double()
+    ckk = ckk + ridge * ckk.diagonal().mean().clamp_min(1e-12) * torch.eye(len(keep), dtype=ckk.dtype)
+    a = torch.linalg.solve(ckk, cov[keep][:, drop].double()).T  # (R, K)
+    b = mean[drop].double() - a @ mean[keep].double()
+    wr = w[:, drop].double()
+    wk = w[:, keep].double() + torch.einsum("orhw,rk->okhw", wr, a)
+    shift = torch.einsum("orhw,r->o", wr, b)
+    return wk.to(w.dtype), shift.to(w.dtype)
+
+
+def input_statistics(model: nn.Module, images: torch.Tensor, batch: int = 8) -> dict:
+    """Per ``nn.Conv2d`` of ``model`` the channel mean and covariance of its input over ``images``."""
+    acc: dict = {}
+
+    def hook(mod, args):
+        x = args[0].detach().double().transpose(0, 1).flatten(1)  # (C, N)
+        s = acc.setdefault(mod, [0, 0.0, 0.0])
+        s[0] += x.shape[1]
+        s[1] = s[1] + x.sum(1)
+        s[2] = s[2] + x @ x.T
+
+    hs = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            for c in images.split(batch):
+                model(c)
+        model.train(was)
+    finally:
+        for h in hs:
+            h.remove()
+    out = {}
+    for m, (n, s1, s2) in acc.items():
+        mean = s1 / n
+        out[m] = (mean.float(), (s2 / n - torch.outer(mean, mean)).float())
+    return out
+
+
 def concat(sels: Sequence[Sel]) -> Sel:
     """The channels of ``torch.cat`` of tensors holding ``sels``: each set shifted by the teacher channels before it."""
     idx, offset = [], 0
@@ -218,13 +283,15 @@ def concat(sels: Sequence[Sel]) -> Sel:
     return Sel(torch.cat(idx), offset)
 
 
-def slimmed_state_dict(teacher: nn.Module, student: nn.Module, importance: str = "bn") -> dict[str, torch.Tensor]:
+def slimmed_state_dict(teacher: nn.Module, student: nn.Module, importance: str = "bn",
+                       stats: Optional[dict] = None) -> dict[str, torch.Tensor]:
     """Every tensor of ``student``'s state dict, selected from ``teacher``'s (two :class:`YOLOModel`s of one
     architecture description at different width multiples; see the module docstring)."""
     if len(teacher.model) != len(student.model):
         raise DfkdError(f"the teacher has {len(teacher.model)} layers, the student {len(student.model)}: a "
                         "teacher-initialised student needs the teacher's layer list")
     sl = _Slimmer(teacher, student, importance)
+    sl.stats = stats
     sels: list[Sel] = []
     x = Sel(torch.arange(3), 3)
     with torch.no_grad():
@@ -238,13 +305,16 @@ def slimmed_state_dict(teacher: nn.Module, student: nn.Module, importance: str =
     return sl.state
 
 
-def init_from_teacher(student: nn.Module, teacher: nn.Module, importance: str = "bn") -> nn.Module:
+def init_from_teacher(student: nn.Module, teacher: nn.Module, importance: str = "bn",
+                      images: Optional[torch.Tensor] = None) -> nn.Module:
     """Load :func:`slimmed_state_dict` into ``student`` strictly (a :class:`YOLOModel` or a detector holding
-    one as ``.model``); returns ``student``."""
+    one as ``.model``); ``images`` ((N, 3, H, W) in [0, 1]): compensate the dropped channels from the
+    teacher's statistics on them (module docstring). Returns ``student``."""
     from dfkd.detection.yolo import YOLOModel, load_state_strict
 
     s_model = student if isinstance(student, YOLOModel) else student.model
     t_model = teacher if isinstance(teacher, YOLOModel) else teacher.model
-    state = slimmed_state_dict(t_model, s_model, importance)
+    stats = input_statistics(t_model, images) if images is not None else None
+    state = slimmed_state_dict(t_model, s_model, importance, stats)
     load_state_strict(s_model, state, "the teacher-selected state")
     return student
