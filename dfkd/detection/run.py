@@ -131,9 +131,8 @@ def check_task(syn_cls: type, name: str, task: str) -> None:
 
 def load_teacher_detector(teacher_cfg: Mapping[str, Any]):
     from dfkd.detection.models import load_detector
-    from dfkd.detection.yolo_task import is_yolo_teacher, load_yolo_teacher
-
     from dfkd.detection.tv_detectors import is_tv_teacher, load_tv_teacher
+    from dfkd.detection.yolo_task import is_yolo_teacher, load_yolo_teacher
 
     if is_tv_teacher(teacher_cfg):  # teacher=tv_detector: a torchvision builder name + a state dict
         return load_tv_teacher(teacher_cfg)
