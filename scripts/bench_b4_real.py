@@ -215,8 +215,8 @@ def run(args: argparse.Namespace) -> int:
         "",
         f"- command: `{payload['command']}`",
         f"- teacher: the shared YOLOv5n (`{Path(args.weights).name}`, {teacher.get('params', 0):,} parameters), "
-        f"teacher=yolo; student: its architecture at {'half' if not args.width_multiple else args.width_multiple} "
-        f"the width multiple, {start['student_params']:,} parameters, "
+        f"teacher=yolo; student: its architecture at "
+        f"{'half the width multiple' if not args.width_multiple else f'width multiple {args.width_multiple}'}, {start['student_params']:,} parameters, "
         + ("trained from scratch" if args.student_init == "scratch" else
            f"initialised from the teacher by channel selection (every convolution keeps the teacher's channels of "
            f"largest {'BatchNorm |γ|' if args.importance == 'bn' else 'filter L1 norm'}; "
