@@ -187,7 +187,7 @@ def test_yolo_loss_trains_the_network_and_reaches_the_pixels(cfg):
     x = x.detach()
     start = _quality(det, x, targets)
     opt = torch.optim.Adam(det.parameters(), lr=1e-2)
-    for _ in range(12):
+    for _ in range(24):  # 12 left v8 at the threshold on some CPUs (0.0005 against 0.001); 24 give 0.07
         loss = sum(det(list(x), targets).values())
         opt.zero_grad()
         loss.backward()
