@@ -38,3 +38,21 @@ def random_jitter(images: torch.Tensor, max_shift: int, generator: torch.Generat
         return images
     dx, dy = torch.randint(-max_shift, max_shift + 1, (2,), generator=generator).tolist()
     return torch.roll(images, shifts=(dx, dy), dims=(2, 3))
+
+
+def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per image: a random crop of the reflect-padded image (shifts up to ``padding`` px) and a random
+    horizontal flip; differentiable, random numbers from ``generator`` (CPU). Fast-DFKD's synthesis view."""
+    import torch.nn.functional as F
+
+    n, _, h, w = images.shape
+    if padding > 0:
+        p = F.pad(images, (padding, padding, padding, padding), mode="reflect")
+        oy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(images.device)
+        ox = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(images.device)
+        rows = (oy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]
+        cols = (ox[:, None] + torch.arange(w, device=images.device))[:, None, None, :]
+        images = p[torch.arange(n, device=images.device)[:, None, None, None],
+                   torch.arange(images.shape[1], device=images.device)[None, :, None, None], rows, cols]
+    flip = (torch.rand(n, generator=generator) < 0.5).to(images.device)
+    return torch.where(flip[:, None, None, None], images.flip(3), images)

@@ -22,6 +22,23 @@ run to −10⁵ and the generator stops making the requested classes):
   generator's own batches (teacher arg-max on the jittered images, EMA over steps) is at least
   this value, so the statistics prior and the cross-entropy stay in charge until images are class-true.
 
+``label_embedding: false`` with ``conditional: true`` gives the generator no label input (Fast-DFKD): each
+image's class is assigned to its noise vector, so the generator (and, in ``fast_meta``, the learnable
+noise) must make the noise decide the class; sample-only rounds then cannot ask for a class.
+
+``div > 0`` adds a diversity term at no extra cost: the mean cosine similarity of the teacher's
+penultimate features (from the same forward pass) over pairs of images made for the same class, so
+images of one class must differ where the teacher looks, not only in their pixels.
+
+The teacher sees each image through ``view``: ``roll`` shifts the whole batch by up to ``jitter`` px
+(DeepInversion); ``crop_flip`` crops each image at its own random shift of up to ``jitter`` px from
+the reflect-padded image and flips half of them (Fast-DFKD's synthesis view).
+
+Cheap rounds (``train_every > 1``): after ``train_warmup`` rounds in which the generator trains every
+round, it trains only on every ``train_every``-th round; the rounds between only sample a fresh batch
+from it (one generator forward and one teacher forward for the logits, no backward), so most of the
+compute goes to the student's KD steps on new images.
+
 ``cr > 0`` adds CMI's contrastive diversity term (Fang et al., IJCAI 2021): the teacher's
 penultimate features of two views of each image (the jittered image and a random resized crop)
 pass through a small projection head trained along; an InfoNCE loss makes each image's two views
@@ -39,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfkd.augment import random_jitter
+from dfkd.augment import random_crop_flip, random_jitter
 from dfkd.errors import DfkdError
 from dfkd.hooks import resolve_prior_name
 from dfkd.losses import js_divergence
@@ -50,6 +67,8 @@ from generators.nets import Generator
 @SYNTHESIZERS.register("adversarial")
 class AdversarialGenerator(Synthesizer):
     uses_student = True
+    #: whether each image keeps its noise vector while the generator adapts to its class (label_embedding: false)
+    noise_carries_class = False
 
     def __init__(
         self,
@@ -78,8 +97,24 @@ class AdversarialGenerator(Synthesizer):
         adv_clip: float | None = None,
         adv_warmup: int = 0,
         adv_gate: float = 0.0,
+        train_every: int = 1,
+        train_warmup: int = 0,
+        view: str = "roll",
+        label_embedding: bool = True,
+        div: float = 0.0,
     ):
         super().__init__(teacher, batch_size, seed, device)
+        if not label_embedding and not self.noise_carries_class:
+            raise DfkdError(f"label_embedding: false needs a synthesizer that keeps each image's noise vector while it "
+                            f"adapts to the image's class (fast_meta); {type(self).__name__} draws fresh noise every step")
+        if not label_embedding and int(train_every) > 1:
+            raise DfkdError("train_every > 1 samples new images by class, which needs label_embedding: true")
+        if view not in ("roll", "crop_flip"):
+            raise DfkdError(f"view must be 'roll' or 'crop_flip', got {view!r}")
+        self.view = view
+        if int(train_every) < 1 or int(train_warmup) < 0:
+            raise DfkdError(f"train_every must be >= 1 and train_warmup >= 0, got {train_every!r}, {train_warmup!r}")
+        self.train_every, self.train_warmup = int(train_every), int(train_warmup)
         c, h, w = self.input_size
         if h != w:
             raise DfkdError(f"the adversarial generator makes square images; the teacher takes {h}×{w}")
@@ -87,7 +122,8 @@ class AdversarialGenerator(Synthesizer):
             raise DfkdError(f"adv_loss must be 'kl', 'l1' or 'js', got {adv_loss!r}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
-            self.generator = Generator(nz, ngf, h, c, self.num_classes if conditional else None).to(self.device)
+            embed = self.num_classes if conditional and label_embedding else None
+            self.generator = Generator(nz, ngf, h, c, embed).to(self.device)
         self.conditional = bool(conditional)
         self.nz, self.g_steps = int(nz), int(g_steps)
         self.opt = torch.optim.Adam(self.generator.parameters(), lr=float(lr), betas=(0.5, 0.999))
@@ -105,16 +141,31 @@ class AdversarialGenerator(Synthesizer):
         self.w_cr, self.cr_temperature = float(cr), float(cr_temperature)
         self.cr_bank_size = int(cr_bank)
         self.cr_head = None
+        self.w_div = float(div)
+        if self.w_cr > 0 or self.w_div > 0:
+            self._feat_layer = self._penultimate()
         if self.w_cr > 0:
             self._setup_contrastive(int(cr_dim))
 
-    # -- CMI contrastive term --------------------------------------------------------------
-    def _setup_contrastive(self, dim: int) -> None:
+    def _penultimate(self) -> nn.Module:
         linears = [m for m in self.teacher.model.modules() if isinstance(m, nn.Linear)]
         if not linears:
-            raise DfkdError("the contrastive term (cr > 0) reads the teacher's penultimate features, i.e. the "
-                            "input of its last nn.Linear; this teacher has none")
-        self._feat_layer = linears[-1]
+            raise DfkdError("the contrastive (cr > 0) and diversity (div > 0) terms read the teacher's penultimate "
+                            "features, i.e. the input of its last nn.Linear; this teacher has none")
+        return linears[-1]
+
+    @staticmethod
+    def _same_class_similarity(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean cosine similarity of the teacher's penultimate features over pairs of different images made
+        for the same class (the diversity term minimises it; no extra teacher pass)."""
+        f = F.normalize(f.flatten(1).float(), dim=1)
+        same = (y[:, None] == y[None, :]) & ~torch.eye(len(y), dtype=torch.bool, device=y.device)
+        if not bool(same.any()):
+            return torch.zeros((), device=f.device)
+        return (f @ f.t())[same].mean()
+
+    # -- CMI contrastive term --------------------------------------------------------------
+    def _setup_contrastive(self, dim: int) -> None:
         feat_dim = self._feat_layer.in_features
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.rng.initial_seed() + 7)
@@ -188,6 +239,19 @@ class AdversarialGenerator(Synthesizer):
             per = per * (s.argmax(1) == t.argmax(1)).float()
         return per.mean()
 
+    def _trains_this_round(self) -> bool:
+        """Whether this round takes generator steps (else it only samples; see ``train_every``)."""
+        r = self.rounds
+        return r < self.train_warmup or (r - self.train_warmup) % self.train_every == 0
+
+    @torch.no_grad()
+    def _sample_batch(self, generator: nn.Module, z_scale: float = 1.0) -> SyntheticBatch:
+        """A batch from ``generator`` as it stands (train mode: BatchNorm uses batch statistics)."""
+        generator.train()
+        z = z_scale * self.randn(self.batch_size, self.nz)
+        y = self.sample_labels(self.batch_size) if self.conditional else None
+        return self._batch(generator(z, y), y, {"syn/trained": torch.tensor(0.0)})
+
     def _adv_active(self, student: nn.Module | None) -> bool:
         """Whether this round uses the adversarial term (weight, student, warm-up, agreement gate)."""
         if self.w_adv <= 0 or student is None or self.rounds < self.adv_warmup:
@@ -209,10 +273,11 @@ class AdversarialGenerator(Synthesizer):
     def _objective(self, x: torch.Tensor, y: torch.Tensor | None, prior, student: nn.Module | None,
                    use_adv: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The generator's loss on images ``x`` aimed at classes ``y`` (None: the teacher's arg-max)."""
-        xa = random_jitter(x, self.jitter, self.cpu_rng)
+        xa = (random_crop_flip(x, self.jitter, self.cpu_rng) if self.view == "crop_flip"
+              else random_jitter(x, self.jitter, self.cpu_rng))
         feats: list[torch.Tensor] = []
         handle = (self._feat_layer.register_forward_pre_hook(lambda m, inp: feats.append(inp[0]))
-                  if self.w_cr > 0 else None)
+                  if self.w_cr > 0 or self.w_div > 0 else None)
         try:
             t = self.teacher(xa).float()
         finally:
@@ -232,7 +297,11 @@ class AdversarialGenerator(Synthesizer):
             loss_adv = -self._discrepancy(student(xa), t)
             loss = loss + self.w_adv * loss_adv
         parts = {"syn/ce": loss_ce, "syn/prior": loss_prior, "syn/adv": loss_adv,
-                 "syn/adv_on": torch.tensor(float(use_adv))}
+                 "syn/adv_on": torch.tensor(float(use_adv)), "syn/trained": torch.tensor(1.0)}
+        if self.w_div > 0:
+            loss_div = self._same_class_similarity(feats[0], target)
+            loss = loss + self.w_div * loss_div
+            parts["syn/div"] = loss_div
         if self.w_cr > 0:
             loss_cr = self._contrastive(feats[0].flatten(1).float(), xa, prior)
             loss = loss + self.w_cr * loss_cr
@@ -245,9 +314,13 @@ class AdversarialGenerator(Synthesizer):
         labels = y if y is not None else t.argmax(1)
         stats = {k: float(v.detach()) for k, v in parts.items()}
         stats.update(self.class_stats(t, labels))
+        stats.update(self.class_spread(x, labels))
         return SyntheticBatch(images=x, labels=labels, teacher_logits=t, stats=stats)
 
     def step(self, student: nn.Module | None = None) -> SyntheticBatch:
+        if not self._trains_this_round():
+            self.rounds += 1
+            return self._sample_batch(self.generator)
         was_training = student.training if student is not None else False
         if student is not None:
             student.eval()

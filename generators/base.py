@@ -97,6 +97,16 @@ class Synthesizer:
         self._check_collapse(acc)
         return {"syn/teacher_acc": acc, "syn/class_entropy": entropy, "syn/top_class_share": share}
 
+    @staticmethod
+    def class_spread(images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """Diversity inside each requested class: ``syn/class_spread`` is the per-pixel standard
+        deviation over the images made for one class, averaged over pixels and over the classes with at
+        least two images (0: every image of a class is the same)."""
+        x = images.detach().float().flatten(1)
+        labels = labels.to(x.device)
+        spreads = [x[labels == c].std(0).mean() for c in labels.unique() if int((labels == c).sum()) > 1]
+        return {"syn/class_spread": float(torch.stack(spreads).mean())} if spreads else {}
+
     def _check_collapse(self, acc: float) -> None:
         chance = 1.0 / max(1, self.num_classes)
         if acc <= self.collapse_factor * chance:

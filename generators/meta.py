@@ -22,6 +22,8 @@ from generators.base import SYNTHESIZERS, SyntheticBatch
 
 @SYNTHESIZERS.register("fast_meta")
 class FastMetaGenerator(AdversarialGenerator):
+    noise_carries_class = True  # the round's latent z is fixed (and learned) while the clone adapts
+
     def __init__(
         self,
         teacher,
@@ -52,19 +54,31 @@ class FastMetaGenerator(AdversarialGenerator):
         adv_mask: bool = False,
         adv_clip: float | None = None,
         adv_gate: float = 0.0,
+        train_every: int = 1,
+        train_warmup: int = 0,
+        view: str = "roll",
+        label_embedding: bool = True,
+        div: float = 0.0,
     ):
         super().__init__(teacher, batch_size, seed, device, nz=nz, ngf=ngf, conditional=conditional,
                          g_steps=g_steps, lr=lr, prior=prior, bn=bn, first_bn_multiplier=first_bn_multiplier,
                          ce=ce, ie=ie, adv=adv, adv_loss=adv_loss, jitter=jitter, cr=cr,
                          cr_temperature=cr_temperature, cr_bank=cr_bank, cr_dim=cr_dim, adv_mask=adv_mask,
-                         adv_clip=adv_clip, adv_warmup=adv_warmup, adv_gate=adv_gate)
+                         adv_clip=adv_clip, adv_warmup=adv_warmup, adv_gate=adv_gate,
+                         train_every=train_every, train_warmup=train_warmup, view=view,
+                         label_embedding=label_embedding, div=div)
         self.lr, self.lr_z = float(lr), float(lr_z)
         self.meta_lr = float(meta_lr) if meta_lr is not None else self.lr * max(1, self.g_steps)
         # the meta optimiser replaces the plain generator optimiser of the parent
         self.opt = torch.optim.Adam(self.generator.parameters(), lr=self.meta_lr, betas=(0.5, 0.999))
         self.label_noise = float(label_noise)
+        self.last_fast: nn.Module | None = None  # the last adapted clone: what sample-only rounds draw from
 
     def step(self, student: nn.Module | None = None) -> SyntheticBatch:
+        if not self._trains_this_round():
+            self.rounds += 1
+            return self._sample_batch(self.last_fast if self.last_fast is not None else self.generator,
+                                      self.label_noise)
         use_adv = self._adv_active(student)
         was_training = student.training if student is not None else False
         if student is not None:
@@ -105,5 +119,19 @@ class FastMetaGenerator(AdversarialGenerator):
         for b, fb in zip(self.generator.buffers(), fast.buffers()):
             b.copy_(fb)
         self.rounds += 1
+        if self.train_every > 1:
+            self.last_fast = fast
         return self._batch(best_x, y, parts)
+
+    def state_dict(self):
+        state = super().state_dict()
+        if self.last_fast is not None:
+            state["last_fast"] = copy.deepcopy(self.last_fast.state_dict())
+        return state
+
+    def load_state_dict(self, state) -> None:
+        super().load_state_dict(state)
+        if "last_fast" in state:
+            self.last_fast = copy.deepcopy(self.generator)
+            self.last_fast.load_state_dict(state["last_fast"])
 

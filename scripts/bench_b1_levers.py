@@ -14,6 +14,7 @@ on the un-augmented images against the class each was made for), over the run an
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -44,9 +45,72 @@ ROWS: dict[str, tuple[str, list[str]]] = {
                                                          "synthesizer.l2=0.0", "synthesizer.betas=[0.9,0.999]"]),
     "real": ("real", []),
 }
+
+# Accuracy per CPU-second: one lever per row against the ``fm`` (or ``adv``) base row. The base pins every
+# setting a lever row changes, so a row keeps its meaning when a config default moves.
+FM = ["synthesizer.adv_loss=js", "synthesizer.adv_mask=true", "synthesizer.adv_gate=0.5", "synthesizer.bn=1.0",
+      "synthesizer.g_steps=4", "synthesizer.ngf=64", "synthesizer.train_every=1", "synthesizer.train_warmup=0",
+      "synthesizer.view=roll", "synthesizer.jitter=1", "synthesizer.label_embedding=true",
+      "synthesizer.div=0.0", "loss.temperature=4.0", "distill.mix=both"]
+ADV = ["synthesizer.adv_loss=js", "synthesizer.adv_mask=true", "synthesizer.adv_gate=0.5", "synthesizer.bn=1.0",
+       "synthesizer.g_steps=5", "synthesizer.ngf=64", "synthesizer.train_every=1", "synthesizer.train_warmup=0",
+       "synthesizer.view=roll", "synthesizer.jitter=1", "synthesizer.label_embedding=true",
+       "synthesizer.div=0.0", "loss.temperature=4.0", "distill.mix=both"]
+LEVERS: dict[str, tuple[str, list[str], str]] = {  # row → (synthesizer option, base + lever, the lever in words)
+    "fm": ("fast_meta", FM, "base: fast_meta, bounded adversarial term, bn 1, g_steps 4, ngf 64, 10 KD steps per batch"),
+    "fm_kd30": ("fast_meta", FM + ["distill.kd_steps=30"], "30 KD steps per synthesized batch (not 10)"),
+    "fm_g2": ("fast_meta", FM + ["synthesizer.g_steps=2"], "2 generator steps per round (not 4)"),
+    "fm_ngf32": ("fast_meta", FM + ["synthesizer.ngf=32"], "generator width ngf 32 (not 64)"),
+    "fm_sample4": ("fast_meta", FM + ["synthesizer.train_warmup=10", "synthesizer.train_every=4"],
+                   "after 10 trained rounds the generator trains every 4th round; the others only sample"),
+    "fm_t20": ("fast_meta", FM + ["loss.temperature=20.0"], "KD temperature 20 (not 4)"),
+    "fm_nomix": ("fast_meta", FM + ["distill.mix=none"], "no mixup/CutMix on the student's batches"),
+    "fm_bn3": ("fast_meta", FM + ["synthesizer.bn=3.0"], "BatchNorm-prior weight 3 (not 1)"),
+    "fm_bn10": ("fast_meta", FM + ["synthesizer.bn=10.0"], "BatchNorm-prior weight 10 (not 1)"),
+    "fm_cropflip": ("fast_meta", FM + ["synthesizer.view=crop_flip", "synthesizer.jitter=4"],
+                    "the teacher sees each synthetic image shifted by up to 4 px on its own and flipped at random "
+                    "(Fast-DFKD's synthesis view), not the whole batch rolled by up to 1 px"),
+    "fm_nomask": ("fast_meta", FM + ["synthesizer.adv_mask=false"],
+                  "the bounded (JS) adversarial term on every image, not only where student and teacher agree"),
+    "fm_noembed": ("fast_meta", FM + ["synthesizer.label_embedding=false"],
+                   "no label input to the generator: each image's class is tied to its noise vector (Fast-DFKD)"),
+    "fm_div": ("fast_meta", FM + ["synthesizer.div=1.0"],
+               "diversity term 1: same-class cosine similarity of the teacher's penultimate features"),
+    "fm_div_t20": ("fast_meta", FM + ["synthesizer.div=1.0", "loss.temperature=20.0"],
+                   "two levers together: the diversity term 1 (fm_div) and KD temperature 20 (fm_t20)"),
+    "fm_noembed_t20": ("fast_meta", FM + ["synthesizer.label_embedding=false", "loss.temperature=20.0"],
+                       "two levers together: no label input (fm_noembed) and KD temperature 20 (fm_t20)"),
+    "fm_noembed_kd30": ("fast_meta", FM + ["synthesizer.label_embedding=false", "distill.kd_steps=30"],
+                        "two levers together: no label input (fm_noembed) and 30 KD steps per batch (fm_kd30)"),
+    "fm_cl": ("fast_meta", FM + ["distill.channels_last=true"], "channels-last memory format for the models"),
+    "fm_kdbatch64": ("fast_meta", FM + ["distill.batch_size=64"], "student batch 64 (not 128)"),
+    "adv": ("adversarial", ADV, "base: adversarial generator, bounded adversarial term, bn 1, g_steps 5, ngf 64"),
+    "adv_bn10": ("adversarial", ADV + ["synthesizer.bn=10.0"], "BatchNorm-prior weight 10 (not 1)"),
+    "adv_sample4": ("adversarial", ADV + ["synthesizer.train_warmup=10", "synthesizer.train_every=4"],
+                    "after 10 trained rounds the generator trains every 4th round; the others only sample"),
+}
+ROWS.update({k: (opt, ov) for k, (opt, ov, _) in LEVERS.items()})
 DEFAULT_ROWS = ["adversarial_kl", "adversarial_bounded", "fast_meta_kl", "fast_meta_bounded",
                 "fast_meta_bounded_bn1_g4"]
 CPU = ["synthesizer.batch_size=64", "distill.batch_size=128", "distill.kd_steps=10", "distill.pool_size=20000"]
+
+
+def _same_settings(old: dict, new: dict) -> bool:
+    """A stored run's config equals the config a row would run now; a synthesizer setting added to the code
+    after the stored run counts as equal when the row leaves it at the synthesizer's default."""
+    import inspect
+
+    from generators.base import SYNTHESIZERS
+
+    old, new = dict(old), dict(new)
+    so, sn = dict(old.pop("synthesizer")), dict(new.pop("synthesizer"))
+    if old != new or so.get("name") != sn.get("name"):
+        return False
+    params = inspect.signature(SYNTHESIZERS.get(sn["name"]).__init__).parameters
+    for k in set(sn) - set(so):
+        if k not in params or sn[k] != params[k].default:
+            return False
+    return all(so[k] == sn.get(k) for k in so)
 
 
 def main(argv=None) -> None:
@@ -60,6 +124,9 @@ def main(argv=None) -> None:
     ap.add_argument("--data-root", default=os.environ.get("DFKD_DATA"))
     ap.add_argument("--out", type=Path, default=Path("results"))
     ap.add_argument("--name", default="b1_levers_cpu")
+    ap.add_argument("--reuse", action="store_true",
+                    help="take a row's run from <out>/<name>/runs/<row>_seed<s>/summary.json when a finished run with "
+                         "the same settings is there (rows of one table measured in more than one sitting)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every row")
     args = ap.parse_args(argv)
     if not args.data_root or not Path(args.data_root).is_dir():
@@ -68,7 +135,7 @@ def main(argv=None) -> None:
     if bad:
         sys.exit(f"bench_b1_levers: error: unknown row(s) {bad}; known: {', '.join(ROWS)}")
 
-    from dfkd.bench import add_agreement, prepare_teacher, run_methods, write_results
+    from dfkd.bench import add_agreement, compose, prepare_teacher, run_methods, write_results
 
     started = time.perf_counter()
     load_start = os.getloadavg()
@@ -79,19 +146,60 @@ def main(argv=None) -> None:
               f"threads={args.threads}", f"data.test_limit={args.test_limit or 'null'}", *CPU, *args.overrides]
     t = prepare_teacher("distill", common, train_split="real" in args.rows)
     out_dir = args.out / args.name
-    rows = run_methods(args.rows, common, {r: ROWS[r][1] for r in args.rows}, args.seeds, out_dir,
-                       options={r: ROWS[r][0] for r in args.rows})
+    per_row = {r: ROWS[r][1] for r in args.rows}
+    reused: dict[tuple[str, int], dict] = {}
+    if args.reuse:
+        import json
+
+        for r in args.rows:
+            for seed in args.seeds:
+                f = out_dir / "runs" / f"{r}_seed{seed}" / "summary.json"
+                want = [f"synthesizer={ROWS[r][0]}", f"seed={seed}", "progress=false", "resume=false", *common,
+                        *per_row[r]]
+                cfg_file = f.with_name("config.json")
+                if f.is_file() and cfg_file.is_file():
+                    from dfkd.pipeline import _plain
+
+                    if _same_settings(json.loads(cfg_file.read_text()), _plain(compose("distill", want))):
+                        summary = json.loads(f.read_text())
+                        summary.update(method=r, overrides=want, run_dir=str(f.parent), reused=True)
+                        reused[(r, seed)] = summary
+                        print(f"{r:>14} seed {seed}: reused {f.parent}", flush=True)
+    todo = [r for r in args.rows if any((r, s) not in reused for s in args.seeds)]
+    fresh = run_methods(todo, common, per_row, args.seeds, out_dir, options={r: ROWS[r][0] for r in todo})
+    by_key = {(r["method"], r["seed"]): r for r in fresh}
+    rows = [reused.get((r, s)) or by_key[(r, s)] for r in args.rows for s in args.seeds]
     extra = {"budget_minutes_per_row": args.budget_minutes, "test_limit": args.test_limit,
              "threads": args.threads, "loadavg_start": list(load_start), "loadavg_end": list(os.getloadavg()),
              "note": "shared machine: wall-clock budgets buy less compute when the load average exceeds the "
                      "core count; rows ran one after another, compare neighbours",
-             "rows_definition": {r: {"synthesizer": ROWS[r][0], "overrides": ROWS[r][1]} for r in args.rows}}
+             "rows_definition": {r: {"synthesizer": ROWS[r][0], "overrides": ROWS[r][1],
+                                     **({"lever": LEVERS[r][2]} if r in LEVERS else {})} for r in args.rows}}
     jpath, mpath = write_results(args.name, f"B1 levers — CIFAR-10, ResNet-56 → ResNet-20, {t['device'].type}",
                                  args.out, rows, t["teacher_top1"], extra, started)
     add_agreement(jpath, mpath)
     lines = ["", f"- load average {load_start[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end "
              f"({os.cpu_count()} cores, shared machine: times are noisy)",
              "- rows: " + "; ".join(f"`{r}`: synthesizer={ROWS[r][0]} {' '.join(ROWS[r][1])}" for r in args.rows)]
+    spread = {}
+    for run in rows:
+        f = Path(run["run_dir"]) / "metrics.jsonl"
+        vals = [json.loads(x).get("syn/class_spread") for x in f.read_text().splitlines() if x.strip()] \
+            if f.is_file() else []
+        vals = [v for v in vals if v is not None]
+        if vals:
+            spread.setdefault(run["method"], []).append(sum(vals[-max(1, len(vals) // 4):]) / max(1, len(vals[-max(1, len(vals) // 4):])))
+    if spread:
+        lines += ["", "Diversity inside a class (`syn/class_spread`: per-pixel std over the images made for one class, "
+                  "mean over the classes; last quarter of the rounds; 0 = one image per class):", "",
+                  "| row | class spread |", "|---|---|"]
+        lines += [f"| {r} | {sum(v) / len(v):.3f} |" for r, v in spread.items()]
+    reused_rows = sorted({r for (r, _s) in reused})
+    if reused_rows:
+        lines.append(f"- rows taken from an earlier sitting's finished runs (--reuse): {', '.join(reused_rows)}")
+    levers = [r for r in args.rows if r in LEVERS]
+    if levers:
+        lines += ["", "| row | lever |", "|---|---|"] + [f"| {r} | {LEVERS[r][2]} |" for r in levers]
     with open(mpath, "a") as fh:
         fh.write("\n".join(lines) + "\n")
     print(Path(mpath).read_text())

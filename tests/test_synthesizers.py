@@ -146,6 +146,86 @@ def test_fast_meta_generator_moves_meta_weights_toward_adapted(bn_teacher, tiny_
     assert sum(moved) >= len(moved) - 2
 
 
+@pytest.mark.parametrize("name", ["adversarial", "fast_meta"])
+def test_train_every_samples_without_training_between(name, bn_teacher, tiny_vit_student):
+    """train_warmup 1, train_every 2: rounds 0 and 1 train, round 2 only samples (weights unchanged,
+    fresh images), round 3 trains again; the state round-trips with the sample-only round in it."""
+    syn = build_synthesizer(name, bn_teacher, batch_size=8, seed=0, g_steps=2, nz=8, ngf=8,
+                            train_every=2, train_warmup=1)
+    syn.step(tiny_vit_student)
+    b1 = syn.step(tiny_vit_student)
+    before = [p.detach().clone() for p in syn.generator.parameters()]
+    b2 = syn.step(tiny_vit_student)
+    assert b1.stats["syn/trained"] == 1.0 and b2.stats["syn/trained"] == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(before, syn.generator.parameters()))
+    assert not torch.equal(b1.images, b2.images) and "syn/teacher_acc" in b2.stats
+    state = syn.state_dict()
+    b3 = syn.step(tiny_vit_student)
+    assert b3.stats["syn/trained"] == 1.0
+    again = build_synthesizer(name, bn_teacher, batch_size=8, seed=0, g_steps=2, nz=8, ngf=8,
+                              train_every=2, train_warmup=1)
+    again.load_state_dict(state)
+    assert again.rounds == 3 and torch.allclose(again.step(tiny_vit_student).images, b3.images, atol=1e-6)
+
+
+def test_train_every_rejects_bad_values(bn_teacher):
+    from dfkd.errors import DfkdError
+
+    with pytest.raises(DfkdError, match="train_every"):
+        build_synthesizer("adversarial", bn_teacher, batch_size=8, nz=8, ngf=8, train_every=0)
+
+
+def test_crop_flip_view_shifts_each_image_on_its_own():
+    from dfkd.augment import random_crop_flip
+
+    x = torch.rand(1, 3, 8, 8).repeat(64, 1, 1, 1).requires_grad_(True)
+    y = random_crop_flip(x, 2, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape
+    assert len({tuple(v.flatten().tolist()) for v in y.detach()[:, :, 2:6, 2:6]}) > 10  # not one shift for all
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("name", ["adversarial", "fast_meta"])
+def test_crop_flip_view_trains_the_generator(name, bn_teacher, tiny_vit_student):
+    from dfkd.errors import DfkdError
+
+    syn = build_synthesizer(name, bn_teacher, batch_size=8, seed=0, g_steps=2, nz=8, ngf=8, view="crop_flip")
+    batch = syn.step(tiny_vit_student)
+    assert batch.images.shape == (8, 3, 8, 8) and torch.isfinite(batch.images).all()
+    assert 0.0 <= batch.stats["syn/class_spread"]
+    with pytest.raises(DfkdError, match="view"):
+        build_synthesizer(name, bn_teacher, batch_size=8, nz=8, ngf=8, view="zoom")
+
+
+def test_diversity_term_is_same_class_feature_similarity(bn_teacher, tiny_vit_student):
+    from generators.adversarial import AdversarialGenerator as A
+
+    y = torch.tensor([0, 0, 1, 1])
+    same = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [0.0, 3.0]])
+    assert float(A._same_class_similarity(same, y)) == pytest.approx(1.0)
+    apart = torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.0, 1.0], [3.0, 0.0]])
+    assert float(A._same_class_similarity(apart, y)) == pytest.approx(0.0, abs=1e-6)
+    assert float(A._same_class_similarity(same, torch.arange(4))) == 0.0  # no pair of one class
+    for name in ("adversarial", "fast_meta"):
+        syn = build_synthesizer(name, bn_teacher, batch_size=8, seed=0, g_steps=1, nz=8, ngf=8, div=1.0)
+        assert "syn/div" in syn.step(tiny_vit_student).stats
+
+
+def test_no_label_embedding_ties_the_class_to_the_noise(bn_teacher, tiny_vit_student):
+    from dfkd.errors import DfkdError
+
+    syn = build_synthesizer("fast_meta", bn_teacher, batch_size=8, seed=0, g_steps=2, nz=8, ngf=8,
+                            label_embedding=False)
+    assert syn.generator.embed is None
+    batch = syn.step(tiny_vit_student)
+    assert batch.labels is not None and batch.images.shape == (8, 3, 8, 8)
+    with pytest.raises(DfkdError, match="label_embedding"):
+        build_synthesizer("adversarial", bn_teacher, batch_size=8, nz=8, ngf=8, label_embedding=False)
+    with pytest.raises(DfkdError, match="label_embedding"):
+        build_synthesizer("fast_meta", bn_teacher, batch_size=8, nz=8, ngf=8, label_embedding=False, train_every=2)
+
+
 def _js(a, b):
     """Jensen-Shannon divergence between two batches of logits, written out here."""
     pa, pb = a.softmax(1), b.softmax(1)
