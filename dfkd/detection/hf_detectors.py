@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dfkd.detection.models import thaw_frozen_batchnorm
 from dfkd.errors import DfkdError, close_matches
 
 TEACHER_KWARGS = ("image_size", "score_thresh", "detections_per_img")
@@ -67,21 +68,6 @@ def _transformers():
     return transformers
 
 
-def _thaw_frozen_batchnorm(module: nn.Module) -> None:
-    """Replace every ``*FrozenBatchNorm2d`` (torchvision's, DETR's) by an eval-mode ``nn.BatchNorm2d`` with
-    the same statistics, so the BatchNorm prior sees them (in eval mode both compute the same)."""
-    for name, child in module.named_children():
-        if type(child).__name__.endswith("FrozenBatchNorm2d") and hasattr(child, "running_var"):
-            bn = nn.BatchNorm2d(child.weight.numel(), eps=float(getattr(child, "eps", 1e-5)))
-            bn = bn.to(child.weight.device)
-            with torch.no_grad():
-                for k in ("weight", "bias", "running_mean", "running_var"):
-                    getattr(bn, k).copy_(getattr(child, k))
-            setattr(module, name, bn.eval())
-        else:
-            _thaw_frozen_batchnorm(child)
-
-
 class HFDetector(nn.Module):
     """A DETR-style ``transformers`` detector with the face of dfkd's detection task (module docstring)."""
 
@@ -91,7 +77,7 @@ class HFDetector(nn.Module):
                  std: Sequence[float] = IMAGENET_STD, score_thresh: float = 0.5, detections_per_img: int = 100):
         super().__init__()
         self.hf = hf
-        _thaw_frozen_batchnorm(self.hf)
+        thaw_frozen_batchnorm(self.hf)
         cfg = hf.config
         self.num_classes = int(cfg.num_labels)
         self.image_size = int(image_size)
@@ -285,11 +271,6 @@ def build_hf_student(tb: Mapping[str, Any], s) -> nn.Module:
         cfg = student_config(tb["config"], s.student_kwargs)
         return build_hf_detector(cfg, tb["image_size"], tb["mean"], tb["std"], tb.get("score_thresh", 0.5),
                                  tb.get("detections_per_img", 100))
-    from dfkd.detection.models import build_detector
+    from dfkd.detection.models import fcos_student_for
 
-    return build_detector("fcos", s.student_backbone, num_classes=tb["num_classes"], image_size=tb["image_size"],
-                          in_chans=3, mean=IMAGENET_MEAN, std=IMAGENET_STD, width=s.student_width or 16,
-                          fpn_channels=s.student_fpn or 64, head_convs=s.student_head_convs,
-                          score_thresh=tb.get("score_thresh", 0.5), nms_thresh=0.5,
-                          detections_per_img=tb.get("detections_per_img", 100), topk_candidates=1000,
-                          backbone_kwargs=dict(s.student_kwargs or {}))
+    return fcos_student_for(tb, s, 0.5, s.student_kwargs)

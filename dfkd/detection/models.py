@@ -565,3 +565,52 @@ class DetectionTeacher(nn.Module):
 
     def metadata(self) -> dict[str, Any]:
         return detector_metadata(self.model)
+
+
+# -- shared by the foreign-detector adapters (YOLO, torchvision, Hugging Face) -------------------------
+
+def square_teacher_kwargs(teacher_cfg: Mapping[str, Any], allowed: Sequence[str], family: str) -> dict[str, Any]:
+    """``teacher.kwargs`` of a detector teacher that takes square RGB input, checked against ``allowed``;
+    ``teacher.input_size=[3, S, S]`` is accepted for ``image_size`` (they must agree when both are given)."""
+    kw = dict(teacher_cfg.get("kwargs") or {})
+    for k in kw:
+        if k not in allowed:
+            raise DfkdError(f"unknown {family} setting teacher.kwargs.{k}{close_matches(k, allowed)}; "
+                            f"its settings: {', '.join(allowed)}")
+    size = teacher_cfg.get("input_size")
+    if size is not None:
+        size = [int(v) for v in size]
+        if len(size) != 3 or size[0] != 3 or size[1] != size[2]:
+            raise DfkdError(f"a {family} takes square RGB input: teacher.input_size=[3, S, S], got {size}")
+        if kw.get("image_size") not in (None, size[1]):
+            raise DfkdError(f"teacher.input_size {size} and teacher.kwargs.image_size {kw['image_size']} disagree")
+        kw["image_size"] = size[1]
+    return kw
+
+
+def thaw_frozen_batchnorm(module: nn.Module) -> None:
+    """Replace every frozen BatchNorm (torchvision's or Hugging Face's ``FrozenBatchNorm2d``) with an
+    ``nn.BatchNorm2d`` of the same statistics in eval mode — the same computation, and the BatchNorm
+    prior of box inversion sees it."""
+    for name, child in module.named_children():
+        if type(child).__name__.endswith("FrozenBatchNorm2d") and hasattr(child, "running_var"):
+            bn = nn.BatchNorm2d(child.weight.numel(), eps=float(getattr(child, "eps", 1e-5))).to(child.weight.device)
+            with torch.no_grad():
+                for k in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(bn, k).copy_(getattr(child, k))
+            setattr(module, name, bn.eval())
+        else:
+            thaw_frozen_batchnorm(child)
+
+
+def fcos_student_for(tb: Mapping[str, Any], s: Any, score_thresh: float,
+                     backbone_kwargs: Optional[Mapping[str, Any]] = None) -> nn.Module:
+    """A dfkd FCOS student for a foreign teacher's classes and square input (``tb``: its ``dfkd_build``;
+    ``s``: the detection settings): ``detection.student_backbone`` at ``student_width``/``student_fpn``,
+    trained on the teacher's pseudo-boxes."""
+    return build_detector("fcos", s.student_backbone, num_classes=tb["num_classes"], image_size=tb["image_size"],
+                          in_chans=3, mean=IMAGENET_MEAN, std=IMAGENET_STD, width=s.student_width or 16,
+                          fpn_channels=s.student_fpn or 64, head_convs=s.student_head_convs,
+                          score_thresh=tb.get("score_thresh", score_thresh), nms_thresh=0.5,
+                          detections_per_img=tb.get("detections_per_img", 100), topk_candidates=1000,
+                          backbone_kwargs=dict(backbone_kwargs or {}))

@@ -67,6 +67,7 @@ from torch import nn
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.ssd import SSD
 
+from dfkd.detection.models import square_teacher_kwargs, thaw_frozen_batchnorm
 from dfkd.errors import DfkdError, close_matches
 
 #: torchvision builder name -> family
@@ -207,21 +208,6 @@ FACES = {"fcos": TVFCOS, "retinanet": TVRetinaNet, "faster_rcnn": TVFasterRCNN, 
 
 
 # -- building -------------------------------------------------------------------------------------------------
-def _thaw_frozen_batchnorm(module: nn.Module) -> None:
-    """Replace every ``FrozenBatchNorm2d`` with an ``nn.BatchNorm2d`` of the same statistics (eval mode)."""
-    from torchvision.ops.misc import FrozenBatchNorm2d
-
-    for name, child in module.named_children():
-        if isinstance(child, FrozenBatchNorm2d):
-            bn = nn.BatchNorm2d(child.weight.numel(), eps=child.eps).to(child.weight.device)
-            with torch.no_grad():
-                for k in ("weight", "bias", "running_mean", "running_var"):
-                    getattr(bn, k).copy_(getattr(child, k))
-            setattr(module, name, bn.eval())
-        else:
-            _thaw_frozen_batchnorm(child)
-
-
 def _small_backbone(model: nn.Module, name: str, backbone: str, image_size: int) -> None:
     """Replace ``model.backbone`` (a ResNet / MobileNet FPN) by ``backbone`` with the same FPN and levels."""
     from torchvision.models import mobilenet, resnet
@@ -319,7 +305,7 @@ def build_tv_task_detector(name: str, tv_num_classes: int = 91, class_ids: Optio
     except TypeError as e:
         raise DfkdError(f"torchvision detector {name!r}: {e}") from None
     if pretrained:
-        _thaw_frozen_batchnorm(model)
+        thaw_frozen_batchnorm(model)
     if family == "ssd":  # SSD stretches every image to its fixed size
         model.transform.fixed_size = (size, size)
         model.transform.min_size, model.transform.max_size = (size,), size
@@ -381,23 +367,6 @@ def num_classes_from_state(state: Mapping[str, torch.Tensor], name: str, path: s
     return n
 
 
-def _teacher_kwargs(teacher_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    kw = dict(teacher_cfg.get("kwargs") or {})
-    for k in kw:
-        if k not in TEACHER_KWARGS:
-            raise DfkdError(f"unknown torchvision detector setting teacher.kwargs.{k}{close_matches(k, TEACHER_KWARGS)}; "
-                            f"its settings: {', '.join(TEACHER_KWARGS)}")
-    size = teacher_cfg.get("input_size")
-    if size is not None:
-        size = [int(v) for v in size]
-        if len(size) != 3 or size[0] != 3 or size[1] != size[2]:
-            raise DfkdError(f"a torchvision detector takes square RGB canvases: teacher.input_size=[3, S, S], got {size}")
-        if kw.get("image_size") not in (None, size[1]):
-            raise DfkdError(f"teacher.input_size {size} and teacher.kwargs.image_size {kw['image_size']} disagree")
-        kw["image_size"] = size[1]
-    return kw
-
-
 def load_tv_teacher(teacher_cfg: Mapping[str, Any]) -> nn.Module:
     """The teacher named by ``teacher.model`` (a torchvision builder) with ``teacher.checkpoint``, frozen, eval mode."""
     from dfkd.detection.models import load_fitting
@@ -408,7 +377,7 @@ def load_tv_teacher(teacher_cfg: Mapping[str, Any]) -> nn.Module:
                         f"{', '.join(builder_names())}")
     name = str(name)
     family_of(name)
-    kw = _teacher_kwargs(teacher_cfg)
+    kw = square_teacher_kwargs(teacher_cfg, TEACHER_KWARGS, "torchvision detector")
     pretrained = bool(kw.pop("pretrained", False))
     ck = teacher_cfg.get("checkpoint")
     nc = teacher_cfg.get("num_classes")
@@ -460,11 +429,6 @@ def build_tv_student(tb: Mapping[str, Any], s) -> nn.Module:
                                       tb["image_size"], tb.get("score_thresh"), tb.get("nms_thresh"),
                                       tb.get("detections_per_img"), backbone=backbone,
                                       builder_kwargs=tb.get("builder_kwargs"))
-    from dfkd.detection.models import IMAGENET_MEAN, IMAGENET_STD, build_detector
+    from dfkd.detection.models import fcos_student_for
 
-    return build_detector("fcos", s.student_backbone, num_classes=tb["num_classes"], image_size=tb["image_size"],
-                          in_chans=3, mean=IMAGENET_MEAN, std=IMAGENET_STD, width=s.student_width or 16,
-                          fpn_channels=s.student_fpn or 64, head_convs=s.student_head_convs,
-                          score_thresh=tb.get("score_thresh", 0.2), nms_thresh=0.5,
-                          detections_per_img=tb.get("detections_per_img", 100), topk_candidates=1000,
-                          backbone_kwargs=kw)
+    return fcos_student_for(tb, s, 0.2, kw)

@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dfkd.detection.models import square_teacher_kwargs
 from dfkd.detection.yolo import YOLODetector, YOLOModel, load_yolo
 from dfkd.detection.yolo_loss import yolo_loss
 from dfkd.errors import DfkdError, close_matches
@@ -170,30 +171,13 @@ def is_yolo_teacher(teacher_cfg: Mapping[str, Any]) -> bool:
     return p.suffix.lower() in YOLO_FILE_SUFFIXES and not p.with_suffix(".json").is_file()
 
 
-def _teacher_kwargs(teacher_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    kw = dict(teacher_cfg.get("kwargs") or {})
-    for k in kw:
-        if k not in TEACHER_KWARGS:
-            raise DfkdError(f"unknown YOLO teacher setting teacher.kwargs.{k}{close_matches(k, TEACHER_KWARGS)}; "
-                            f"its settings: {', '.join(TEACHER_KWARGS)}")
-    size = teacher_cfg.get("input_size")
-    if size is not None:
-        size = [int(v) for v in size]
-        if len(size) != 3 or size[0] != 3 or size[1] != size[2]:
-            raise DfkdError(f"a YOLO teacher takes square RGB input: teacher.input_size=[3, S, S], got {size}")
-        if kw.get("image_size") not in (None, size[1]):
-            raise DfkdError(f"teacher.input_size {size} and teacher.kwargs.image_size {kw['image_size']} disagree")
-        kw["image_size"] = size[1]
-    return kw
-
-
 def load_yolo_teacher(teacher_cfg: Mapping[str, Any]) -> YOLOTaskDetector:
     """The teacher named by ``teacher.checkpoint`` (a YOLO ``.pt`` or an architecture ``.yaml``), frozen, eval mode."""
     ck = teacher_cfg.get("checkpoint")
     if not ck:
         raise DfkdError("teacher=yolo needs teacher.checkpoint=FILE: a YOLOv5/YOLOv8 .pt (read without running "
                         "its code) or an architecture .yaml (random weights)")
-    kw = _teacher_kwargs(teacher_cfg)
+    kw = square_teacher_kwargs(teacher_cfg, TEACHER_KWARGS, "YOLO teacher")
     image_size = int(kw.get("image_size") or 640)
     settings = dict(image_size=image_size, conf_thres=float(kw.get("conf_thres", 0.25)),
                     iou_thres=float(kw.get("iou_thres", 0.45)), max_det=int(kw.get("max_det", 100)))
@@ -266,14 +250,9 @@ def build_yolo_task_student(tb: Mapping[str, Any], s) -> nn.Module:
         return build_yolo_task_detector(cfg, tb["num_classes"], tb.get("class_names"), tb["image_size"],
                                         tb.get("score_thresh", 0.25), tb.get("nms_thresh", 0.45),
                                         tb.get("detections_per_img", 100))
-    from dfkd.detection.models import IMAGENET_MEAN, IMAGENET_STD, build_detector
+    from dfkd.detection.models import fcos_student_for
 
-    return build_detector("fcos", s.student_backbone, num_classes=tb["num_classes"], image_size=tb["image_size"],
-                          in_chans=3, mean=IMAGENET_MEAN, std=IMAGENET_STD, width=s.student_width or 16,
-                          fpn_channels=s.student_fpn or 64, head_convs=s.student_head_convs,
-                          score_thresh=tb.get("score_thresh", 0.25), nms_thresh=0.5,
-                          detections_per_img=tb.get("detections_per_img", 100), topk_candidates=1000,
-                          backbone_kwargs=kw)
+    return fcos_student_for(tb, s, 0.25, kw)
 
 
 def init_yolo_student(student: nn.Module, teacher: nn.Module, tb: Mapping[str, Any], s) -> nn.Module:
