@@ -8,6 +8,7 @@ the shared YOLOv5n on four coco128 images when ``DFKD_DATA`` is set.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 
@@ -248,7 +249,7 @@ def test_the_student_learns_from_a_yolo_teacher(files, family, backbone):
         assert isinstance(student, YOLOTaskDetector) and student.model.strides == teacher.model.model.strides
         assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in teacher.parameters())
     x = (0.5 + 0.2 * torch.randn(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
-    with pytest.warns(UserWarning, match="heads differ") if backbone != "yolo" else _nothing():
+    with pytest.warns(UserWarning, match="heads differ") if backbone != "yolo" else contextlib.nullcontext():
         res = distill_detector(teacher, student, FixedImages(x), steps=24, batch_size=4, lr=5e-3,
                                score_thresh=0.0, head_matching=backbone == "yolo", class_kd=1.0, memory_size=4,
                                kd_steps_per_round=4, augment=None, progress=False)
@@ -258,14 +259,6 @@ def test_the_student_learns_from_a_yolo_teacher(files, family, backbone):
     if backbone == "yolo":
         assert res["head_matching"] and "kd/head" in res["history"][0] and "kd/class_kd" in res["history"][0]
     assert _hooks(teacher, student) == 0
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 # -- through the command ----------------------------------------------------------------------------------
