@@ -1,5 +1,7 @@
-"""Fast-DFKD-style meta generator (Fang et al., AAAI 2022), with NAYER-style label-embedding input
-and, optionally (``cr > 0``), CMI's contrastive diversity term (see generators/adversarial.py).
+"""Fast-DFKD-style meta generator (Fang et al., AAAI 2022), with NAYER-style label-embedding input (or,
+with ``label_embedding: false``, Fast-DFKD's own: no label input, each image's class tied to its
+learnable noise vector) and, optionally (``cr > 0``), CMI's contrastive diversity term (see
+generators/adversarial.py).
 
 The generator kept across rounds is a *meta initialisation*. Each round clones it, adapts the clone
 for a few steps (``g_steps``) together with a fresh learnable latent ``z`` on the usual objective
