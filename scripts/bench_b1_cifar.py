@@ -8,6 +8,8 @@ results/b1_<student>_<device>.{json,md} and a time-to-accuracy PNG.
     DFKD_DATA=PATH python scripts/bench_b1_cifar.py --budget-minutes 10 --device cuda
     DFKD_DATA=PATH python scripts/bench_b1_cifar.py --budget-minutes 2 --device cpu   # CPU mode
     DFKD_DATA=PATH python scripts/bench_b1_cifar.py --student vit_cifar
+    DFKD_DATA=PATH python scripts/bench_b1_cifar.py --methods fast_meta --budget-minutes 30 --device cpu --threads 2 \
+        --name b1_resnet20_cifar_cpu_30min
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--data-root", default=os.environ.get("DFKD_DATA"))
     ap.add_argument("--out", type=Path, default=Path("results"))
+    ap.add_argument("--name", default=None, help="results file name (default: b1_<student>_<device>), e.g. for a "
+                                                  "longer-budget row beside the 10-minute table")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every method")
     args = ap.parse_args()
     if not args.data_root or not Path(args.data_root).is_dir():
@@ -72,7 +76,7 @@ def main() -> None:
                 "the teacher row is scored on the same subset")
     t = prepare_teacher("distill", common, train_split=False)
     device, teacher_top1 = t["device"], t["teacher_top1"]
-    name = f"b1_{args.student}_{device.type}"
+    name = args.name or f"b1_{args.student}_{device.type}"
     rows = run_methods(args.methods, common, per_method, args.seeds, args.out / name,
                        options={"deepinversion": "deepinversion_cifar"})
     extra = {"budget_minutes_per_method": args.budget_minutes, "student": args.student,
