@@ -5,8 +5,11 @@ The teacher is ``$DFKD_DATA/teachers/vit_cifar10_ashu/vit_model.pth`` (a ViT on 
 it is converted to timm's layout first (``dfkd.models.convert``, num_heads 4, inputs [0, 1], no
 normalisation) into a cache folder. Rows: noise (floor), DeepInversion with each teacher-only prior
 (PSAQ entropy; bootstrapped token statistics; inter-head attention agreement; patch contrast; their
-combination), real-data KD (ceiling: real train images through the same teacher). The same wall-clock
-budget per row; every data-free row uses the same inversion settings and only swaps the prior.
+combination), the generator route (adversarial / fast_meta with the ViT prior), real-data KD (ceiling:
+real train images through the same teacher). The same wall-clock budget per row; the prior rows share the
+inversion settings of configs/synthesizer/deepinversion_vit_cifar.yaml and swap the prior; ``entropy`` is
+PSAQ's entropy with the pixel parametrisation, the ``spec_*`` rows use the 1/f^2 spectrum images.
+The student (``--student vit``) is a ViT smaller than the 0.21 M teacher (configs/student/vit_cifar_tiny.yaml).
 No row uses statistics recorded on real data (the teacher has none). Students are scored on a seeded
 random subset of the test set (``--test-limit``). Writes results/b2_real_<student>.{json,md}.
 
@@ -26,7 +29,8 @@ FREE = "vit_free"
 # label -> (kind, prior, extra overrides). prior None: not DeepInversion (its own synthesizer in the overrides)
 ROWS = {
     "noise": ("floor (not data-free)", None, ["synthesizer=noise"]),
-    "entropy": ("data-free: teacher only (PSAQ-ViT entropy, maximised)", "vit_patch_entropy", []),
+    "entropy": ("data-free: teacher only (PSAQ-ViT entropy, maximised; pixel parametrisation)", "vit_patch_entropy",
+                ["{PIXEL}"]),
     "bootstrap": ("data-free: teacher only (bootstrapped token statistics + entropy)", "vit_bootstrap", []),
     "heads": ("data-free: teacher only (entropy + head agreement)", f"{FREE}(entropy=1, bootstrap=0, heads=1)", []),
     "contrast": ("data-free: teacher only (entropy + patch contrast)", f"{FREE}(entropy=1, bootstrap=0, contrast=1)", []),
@@ -47,7 +51,11 @@ ROWS = {
 }
 SPEC = ["synthesizer.spectrum_decay=2.0", "synthesizer.saturation=0.4", "synthesizer.lr=0.05",
         "synthesizer.crop_scale=0.4", "synthesizer.downsample=1"]
-ROWS = {k: (kind, prior, [x for o in more for x in (SPEC if o == "{SPEC}" else [o])]) for k, (kind, prior, more) in ROWS.items()}
+# the pixel parametrisation B2-real started from (PSAQ-ViT-like: optimise pixels, 20 Adam steps at lr 0.1)
+PIXEL = ["synthesizer.batch_size=128", "synthesizer.iterations=20", "synthesizer.lr=0.1", "synthesizer.spectrum_decay=0",
+         "synthesizer.saturation=1.0", "synthesizer.crop_scale=1.0", "synthesizer.downsample=1"]
+_LISTS = {"{SPEC}": SPEC, "{PIXEL}": PIXEL}
+ROWS = {k: (kind, prior, [x for o in more for x in _LISTS.get(o, [o])]) for k, (kind, prior, more) in ROWS.items()}
 FAST = ["synthesizer.iterations=10", "synthesizer.batch_size=64", "distill.kd_steps=60"]
 # levers on the inversion settings (each one a row, the prior of the 'entropy' row unless named):
 # label -> (kind, prior, overrides on top of synthesizer=deepinversion_vit_cifar)

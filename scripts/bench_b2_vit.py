@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--data-root", default=os.environ.get("DFKD_DATA"))
     ap.add_argument("--teacher-checkpoint", default=None)
     ap.add_argument("--out", type=Path, default=Path("results"))
+    ap.add_argument("--name", default=None, help="results name (default b2_vit_digits / b2_vit_cifar10)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every row")
     args = ap.parse_args()
     os.environ.setdefault("DFKD_CACHE", str(Path(tempfile.gettempdir()) / "dfkd_bench_cache"))
@@ -90,6 +91,7 @@ def main() -> None:
     if not args.cifar10 and teacher_top1 < 0.9:
         print("warning: the digits ViT teacher is below 90 % top-1", flush=True)
 
+    name = args.name or name
     rows = []
     out_dir = args.out / name
     for label in args.rows:
