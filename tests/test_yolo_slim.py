@@ -221,5 +221,10 @@ def test_compensation_from_input_statistics_brings_the_student_closer():
         return sum(((a - b) ** 2).mean().item() for a, b in zip(outputs(m, x), ref))
 
     assert err(comp) < 0.5 * err(plain)
+    teacher.train()
+    init_from_teacher(YOLOModel(narrower_yolo_cfg(TINY_V5)).eval(), teacher, images=x)
+    assert all(m.training for m in teacher.modules())  # its modes restored, its hooks removed
+    assert not any(m._forward_pre_hooks for m in teacher.modules())
+    teacher.eval()
     same = init_from_teacher(YOLOModel(narrower_yolo_cfg(TINY_V5, width(TINY_V5))).eval(), teacher, images=x)
     assert all(torch.equal(a, b) for a, b in zip(outputs(same, x), ref))

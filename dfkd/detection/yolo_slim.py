@@ -256,14 +256,13 @@ def input_statistics(model: nn.Module, images: torch.Tensor, batch: int = 8) -> 
         s[1] = s[1] + x.sum(1)
         s[2] = s[2] + x @ x.T
 
+    from dfkd.detection.yolo import eval_modes
+
     hs = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
     try:
-        was = model.training
-        model.eval()
-        with torch.no_grad():
+        with eval_modes(model), torch.no_grad():
             for c in images.split(batch):
                 model(c)
-        model.train(was)
     finally:
         for h in hs:
             h.remove()
