@@ -150,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from dfkd.bench import compose, write_report
+    from dfkd.detection.bench import b4_real_markdown, b4_real_row
     from dfkd.errors import DfkdError
     from dfkd.pipeline import hardware, run_distill
 
@@ -171,26 +172,7 @@ def run(args: argparse.Namespace) -> int:
             teacher = {"map": s.get("teacher_map"), "map50": s.get("teacher_map50"), "map75": s.get("teacher_map75"),
                        "params": s["teacher_params"]}
             print(f"teacher     mAP {teacher['map']:.4f}  mAP@.5 {teacher['map50']:.4f}", flush=True)
-        last = s.get("time_to_map") or []
-        hist_boxes, losses = None, {}
-        metrics = work / row / "metrics.jsonl"
-        if metrics.is_file():
-            import json
-
-            recs = [json.loads(x) for x in metrics.read_text().splitlines()]
-            vals = [r["kd/pseudo_boxes_per_image"] for r in recs if "kd/pseudo_boxes_per_image" in r]
-            hist_boxes = sum(vals) / len(vals) if vals else None
-            kd = [r for r in recs if "kd/loss" in r]
-            losses = {k: [kd[0][k], kd[-1][k]] for k in ("kd/loss", "kd/head", "kd/class_kd")
-                      if kd and k in kd[0] and k in kd[-1]}
-        rows.append({"method": row, "kind": KIND[row], "map": s.get("student_map"), "map50": s.get("student_map50"),
-                     "map75": s.get("student_map75"), "steps": s["steps"], "rounds": s["rounds"],
-                     "images_synthesized": s["images_synthesized"], "synth_seconds": s["synth_seconds"],
-                     "distill_seconds": s["distill_seconds"], "row_wall_seconds": round(wall, 1),
-                     "pseudo_boxes_per_image": hist_boxes, "kd_losses_first_last_round": losses,
-                     "student_params": s["student_params"],
-                     "head_matching": s["head_matching"], "class_kd": s["class_kd"], "adi": s.get("adi"),
-                     "time_to_map": last, "overrides": [o.replace(str(work), "$WORK") for o in ov]})
+        rows.append(b4_real_row(row, KIND[row], s, work / row, wall, ov, work))
         print(f"{row:<13} mAP {rows[-1]['map']:.4f}  mAP@.5 {rows[-1]['map50']:.4f}  ({s['steps']} steps, "
               f"{s['images_synthesized']} images, {wall:.0f} s)", flush=True)
     by = {r["method"]: r for r in rows}
@@ -208,44 +190,7 @@ def run(args: argparse.Namespace) -> int:
         "hardware": hw, "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
         "wall_seconds": round(time.perf_counter() - started, 1), "untrained_student": start, "rows": rows,
     }
-    fmt = (lambda v: "-" if v is None else f"{v:.4f}")
-    df = by.get("box_inversion", {})
-    lines = [
-        f"# B4-real: YOLOv5n distilled into a narrower YOLO on the {args.device.upper()}, {args.image_size} px",
-        "",
-        f"- command: `{payload['command']}`",
-        f"- teacher: the shared YOLOv5n (`{Path(args.weights).name}`, {teacher.get('params', 0):,} parameters), "
-        f"teacher=yolo; student: its architecture at "
-        f"{'half the width multiple' if not args.width_multiple else f'width multiple {args.width_multiple}'}, {start['student_params']:,} parameters, "
-        + ("trained from scratch" if args.student_init == "scratch" else
-           f"initialised from the teacher by channel selection (every convolution keeps the teacher's channels of "
-           f"largest {'BatchNorm |γ|' if args.importance == 'bn' else 'filter L1 norm'}; "
-           "`detection.student_init=teacher`), the same start for every row"),
-        f"- data: coco128 (128 COCO train2017 images, 71 classes with boxes), letterboxed to {args.image_size} px; "
-        "COCO mAP by pycocotools (confidence ≥ 0.001, NMS IoU 0.45, 100 detections per image)",
-        f"- budget: {args.budget_minutes} min of distillation per row (synthesis included), seed {args.seed}; "
-        f"student batch {args.kd_batch}, AdamW lr {args.lr} (cosine over the budget), pseudo-boxes at confidence "
-        f"≥ {args.score_thresh}, class KD {args.class_kd}, head matching {'on' if args.head_matching else 'off'}; "
-        f"box_inversion: batch {args.inv_batch}, {args.inv_iterations} iterations, {args.inv_kd_steps} student "
-        f"steps per batch, the shipped synthesizer weights",
-        f"- hardware: {hw.get('gpu') or 'CPU'}, {hw['cpu_count']} cores, torch {hw['torch']} ({hw['cpu_threads']} "
-        f"thread(s)); wall time {payload['wall_seconds']:.0f} s; load average {load_start[0]:.1f} → "
-        f"{payload['loadavg_end'][0]:.1f} (a shared machine: other jobs ran, so times and step counts are noisy)",
-        "",
-        "| row | kind | mAP@[.5:.95] | mAP@.5 | mAP@.5 / ceiling | steps | images made | synthesis s | pseudo-boxes / image |",
-        "|---|---|---|---|---|---|---|---|---|",
-        f"| teacher (YOLOv5n) | — | {fmt(teacher.get('map'))} | {fmt(teacher.get('map50'))} | — | — | — | — | — |",
-        f"| untrained student | {start['kind']} | {fmt(start['map'])} | {fmt(start['map50'])} "
-        f"| {fmt(start['ratio_to_ceiling_map50'])} | 0 | — | — | — |",
-    ]
-    for r in rows:
-        lines.append(f"| {r['method']} | {r['kind']} | {fmt(r['map'])} | {fmt(r['map50'])} "
-                     f"| {fmt(r['ratio_to_ceiling_map50'])} | {r['steps']} | {r['images_synthesized']} "
-                     f"| {r['synth_seconds']:.0f} | {fmt(r['pseudo_boxes_per_image'])} |")
-    if df and ceiling:
-        lines += ["", f"Data-free mAP@.5 is {df['ratio_to_ceiling_map50']:.2f} of the ceiling's "
-                      f"({fmt(df['map50'])} vs {fmt(ceiling)}); the floor's is {fmt(by['box_noise']['map50'])}."
-                  if "box_noise" in by else f"Data-free mAP@.5 is {df['ratio_to_ceiling_map50']:.2f} of the ceiling's."]
+    lines = b4_real_markdown(payload)
     write_report(args.out, args.name, payload, lines)
     return 0
 

@@ -201,3 +201,68 @@ def b4_markdown(result: Mapping[str, Any], target: float, curves_png: Optional[s
                      f"at the end): `{curves_png}`; data: `time_to_map` ([wall s, step, mAP, mAP@.5]) per run in "
                      f"`{result['benchmark']}.json`, with per-class AP.")
     return lines
+
+
+def b4_real_row(row: str, kind: str, summary: Mapping[str, Any], run_dir: Path, wall: float,
+                overrides: Sequence[str], work: Path) -> dict[str, Any]:
+    """One B4-real row from ``run_distill``'s summary and the run's metrics: the mean pseudo-boxes per
+    image and the KD losses of the first and last round."""
+    recs = read_metrics(run_dir)
+    vals = [r["kd/pseudo_boxes_per_image"] for r in recs if "kd/pseudo_boxes_per_image" in r]
+    kd = [r for r in recs if "kd/loss" in r]
+    losses = {k: [kd[0][k], kd[-1][k]] for k in ("kd/loss", "kd/head", "kd/class_kd")
+              if kd and k in kd[0] and k in kd[-1]}
+    s = summary
+    return {"method": row, "kind": kind, "map": s.get("student_map"), "map50": s.get("student_map50"),
+            "map75": s.get("student_map75"), "steps": s["steps"], "rounds": s["rounds"],
+            "images_synthesized": s["images_synthesized"], "synth_seconds": s["synth_seconds"],
+            "distill_seconds": s["distill_seconds"], "row_wall_seconds": round(wall, 1),
+            "pseudo_boxes_per_image": sum(vals) / len(vals) if vals else None,
+            "kd_losses_first_last_round": losses, "student_params": s["student_params"],
+            "head_matching": s["head_matching"], "class_kd": s["class_kd"], "adi": s.get("adi"),
+            "time_to_map": s.get("time_to_map") or [], "overrides": [o.replace(str(work), "$WORK") for o in overrides]}
+
+
+def b4_real_markdown(payload: Mapping[str, Any]) -> list[str]:
+    """The B4-real results table and its header, rendered from the results JSON alone."""
+    a, teacher, start, rows, hw = (payload["settings"], payload["teacher"], payload["untrained_student"],
+                                   payload["rows"], payload["hardware"])
+    fmt = (lambda v: "-" if v is None else f"{v:.4f}")
+    by = {r["method"]: r for r in rows}
+    ceiling = by.get("box_real", {}).get("map50")
+    df = by.get("box_inversion", {})
+    width = "half the width multiple" if not a["width_multiple"] else f"width multiple {a['width_multiple']}"
+    init = ("trained from scratch" if a["student_init"] == "scratch" else
+            "initialised from the teacher by channel selection (every convolution keeps the teacher's channels of "
+            f"largest {'BatchNorm |γ|' if a['importance'] == 'bn' else 'filter L1 norm'}; "
+            "`detection.student_init=teacher`), the same start for every row")
+    lines = [
+        f"# B4-real: YOLOv5n distilled into a narrower YOLO on the {a['device'].upper()}, {a['image_size']} px", "",
+        f"- command: `{payload['command']}`",
+        f"- teacher: the shared YOLOv5n (`{Path(teacher['weights']).name}`, {teacher.get('params', 0):,} parameters), "
+        f"teacher=yolo; student: its architecture at {width}, {start['student_params']:,} parameters, {init}",
+        f"- data: coco128 (128 COCO train2017 images, 71 classes with boxes), letterboxed to {a['image_size']} px; "
+        "COCO mAP by pycocotools (confidence ≥ 0.001, NMS IoU 0.45, 100 detections per image)",
+        f"- budget: {a['budget_minutes']} min of distillation per row (synthesis included), seed {a['seed']}; "
+        f"student batch {a['kd_batch']}, AdamW lr {a['lr']} (cosine over the budget), pseudo-boxes at confidence "
+        f"≥ {a['score_thresh']}, class KD {a['class_kd']}, head matching {'on' if a['head_matching'] else 'off'}; "
+        f"box_inversion: batch {a['inv_batch']}, {a['inv_iterations']} iterations, {a['inv_kd_steps']} student "
+        f"steps per batch, the shipped synthesizer weights",
+        f"- hardware: {hw.get('gpu') or 'CPU'}, {hw['cpu_count']} cores, torch {hw['torch']} ({hw['cpu_threads']} "
+        f"thread(s)); wall time {payload['wall_seconds']:.0f} s; load average {payload['loadavg_start'][0]:.1f} → "
+        f"{payload['loadavg_end'][0]:.1f} (a shared machine: other jobs ran, so times and step counts are noisy)", "",
+        "| row | kind | mAP@[.5:.95] | mAP@.5 | mAP@.5 / ceiling | steps | images made | synthesis s | pseudo-boxes / image |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| teacher (YOLOv5n) | — | {fmt(teacher.get('map'))} | {fmt(teacher.get('map50'))} | — | — | — | — | — |",
+        f"| untrained student | {start['kind']} | {fmt(start['map'])} | {fmt(start['map50'])} "
+        f"| {fmt(start['ratio_to_ceiling_map50'])} | 0 | — | — | — |",
+    ]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['kind']} | {fmt(r['map'])} | {fmt(r['map50'])} "
+                     f"| {fmt(r['ratio_to_ceiling_map50'])} | {r['steps']} | {r['images_synthesized']} "
+                     f"| {r['synth_seconds']:.0f} | {fmt(r['pseudo_boxes_per_image'])} |")
+    if df and ceiling:
+        lines += ["", f"Data-free mAP@.5 is {df['ratio_to_ceiling_map50']:.2f} of the ceiling's "
+                      f"({fmt(df['map50'])} vs {fmt(ceiling)}); the floor's is {fmt(by['box_noise']['map50'])}."
+                  if "box_noise" in by else f"Data-free mAP@.5 is {df['ratio_to_ceiling_map50']:.2f} of the ceiling's."]
+    return lines
