@@ -120,23 +120,14 @@ def untrained_student(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """mAP of the student as it starts (``--student-init``), before any distillation step."""
     from dfkd.bench import compose
     from dfkd.detection.models import detector_metadata
-    from dfkd.detection.run import (build_student_detector, detection_settings, load_eval_set,
-                                    load_teacher_detector, score_detector)
-    from dfkd.detection.yolo_task import init_yolo_student
+    from dfkd.detection.run import detection_settings, initial_student, load_eval_set, load_teacher_detector, score_detector
     from dfkd.pipeline import _plain, setup_runtime
 
     cfg = _plain(compose("distill", overrides(args, "box_real", score_teacher=False)))
-    s = detection_settings(cfg["detection"])
-    device = setup_runtime(cfg)
+    s, device = detection_settings(cfg["detection"]), setup_runtime(cfg)
     teacher = load_teacher_detector(cfg["teacher"])
     tb = detector_metadata(teacher)
-    import torch
-
-    torch.manual_seed(args.seed)
-    student = build_student_detector(tb, s)
-    if s.student_init == "teacher":
-        init_yolo_student(student, teacher, tb, s)
-    student.to(device).eval()
+    student = initial_student(teacher, tb, s, args.seed, device).eval()
     t0 = time.perf_counter()
     r = score_detector(student, load_eval_set(cfg["data"], s.val_split, tb["in_chans"]), s, device, s.max_val_images)
     return {"method": "untrained", "kind": f"the student as it starts ({args.student_init}), no training",

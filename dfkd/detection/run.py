@@ -246,6 +246,18 @@ def build_detection_source(syn_cfg: Mapping[str, Any], teacher, student, tb, s: 
         raise DfkdError(f"synthesizer {name!r}: {e}") from None
 
 
+def initial_student(teacher_model, tb: Mapping[str, Any], s: DetectionSettings, seed: int, device):
+    """The student as distillation starts: built for the teacher ``tb`` describes (seeded), and with
+    ``detection.student_init=teacher`` given the teacher's weights by channel selection (YOLO students)."""
+    torch.manual_seed(seed)
+    student = build_student_detector(tb, s).to(device)
+    if s.student_init == "teacher":  # dfkd.detection.yolo_slim
+        from dfkd.detection.yolo_task import init_yolo_student
+
+        init_yolo_student(student, teacher_model, tb, s)
+    return student
+
+
 def score_detector(model, dataset, s: DetectionSettings, device, max_images: Optional[int] = None) -> dict:
     """COCO mAP of ``model`` on ``dataset`` with the low-score tail mAP needs (the cut-off is restored)."""
     from dfkd.eval.detection import evaluate_detector
@@ -325,12 +337,7 @@ def run_detection(cfg: Mapping[str, Any], run_dir: str | Path) -> dict[str, Any]
 
     teacher_model.to(device).eval()
     teacher = DetectionTeacher(teacher_model)
-    torch.manual_seed(seed)
-    student = build_student_detector(tb, s).to(device)
-    if s.student_init == "teacher":  # the teacher's weights by channel selection (dfkd.detection.yolo_slim)
-        from dfkd.detection.yolo_task import init_yolo_student
-
-        init_yolo_student(student, teacher_model, tb, s)
+    student = initial_student(teacher_model, tb, s, seed, device)
     source, _ = build_detection_source(cfg["synthesizer"], teacher, student, tb, s, seed, device)
     kd_steps = s.kd_steps or int(getattr(syn_cls, "default_kd_steps", 4))
     atomic_write_json(run_dir / "config.json", cfg)
