@@ -30,7 +30,7 @@ PER_METHOD_CPU = {
     # no label input: with the label embedding the generator made one image per class (within-class spread near
     # zero) and the student stayed near chance; tying each image's class to its noise vector kept the images
     # apart and gave the best student of the one-lever rows, at a lower requested-class agreement
-    # (results/b1_levers_a_cpu.md, rows fm and fm_noembed)
+    # (results/b1_levers_a_cpu.md, rows fm and fm_noembed, 5 minutes; results/b1_levers_10min_cpu.md, 10 minutes)
     "fast_meta": ["synthesizer.label_embedding=false"],
 }
 

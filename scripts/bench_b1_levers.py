@@ -149,8 +149,6 @@ def main(argv=None) -> None:
     per_row = {r: ROWS[r][1] for r in args.rows}
     reused: dict[tuple[str, int], dict] = {}
     if args.reuse:
-        import json
-
         for r in args.rows:
             for seed in args.seeds:
                 f = out_dir / "runs" / f"{r}_seed{seed}" / "summary.json"
@@ -196,7 +194,13 @@ def main(argv=None) -> None:
         lines += [f"| {r} | {sum(v) / len(v):.3f} |" for r, v in spread.items()]
     reused_rows = sorted({r for (r, _s) in reused})
     if reused_rows:
-        lines.append(f"- rows taken from an earlier sitting's finished runs (--reuse): {', '.join(reused_rows)}")
+        lines.append(f"- rows taken from an earlier sitting's finished runs (--reuse): {', '.join(reused_rows)}; the "
+                     "total wall time and load averages above are this sitting's; each run's own distill time is "
+                     "in the table and its load below")
+    loads = [f"{run['method']} {run['hardware']['load_average_1_5_15min'][0]:g}" for run in rows
+             if run.get("hardware", {}).get("load_average_1_5_15min")]
+    if loads:
+        lines.append("- 1-minute load average at the end of each row's run: " + ", ".join(loads))
     levers = [r for r in args.rows if r in LEVERS]
     if levers:
         lines += ["", "| row | lever |", "|---|---|"] + [f"| {r} | {LEVERS[r][2]} |" for r in levers]
