@@ -19,7 +19,8 @@ def test_two_ranks_agree_on_student_and_differ_in_samples(tmp_path):
            "distill.checkpoint_every=1", "progress=false", "threads=1", f"hydra.run.dir={run}"]
     env = {**os.environ, "DFKD_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     r = subprocess.run(cmd, env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    # the head of stderr too: a rank that fails early is named there, the launcher's summary comes last
+    assert r.returncode == 0, r.stderr[:3000] + "\n[...]\n" + r.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2
     ranks = summary["ranks"]
