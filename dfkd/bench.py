@@ -363,3 +363,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+ASHU_VIT = "teachers/vit_cifar10_ashu/vit_model.pth"  # the shared third-party CIFAR-10 ViT (inside DFKD_DATA)
+
+
+def ashu_vit_teacher(data_root: str | Path, cache: str | Path) -> Path:
+    """The shared third-party CIFAR-10 ViT (``nn.MultiheadAttention`` layout) converted once to timm's
+    layout (4 heads, [0, 1] inputs, no normalisation) into ``cache``; returns the safetensors file."""
+    from dfkd.errors import DfkdError
+    from dfkd.models.convert import main as convert
+
+    out = Path(cache) / "vit_cifar10_ashu.safetensors"
+    if not (out.is_file() and out.with_suffix(".json").is_file()):
+        rc = convert([str(Path(data_root) / ASHU_VIT), str(out), "--num-heads", "4", "--mean", "0", "0", "0",
+                      "--std", "1", "1", "1"])
+        if rc:
+            raise DfkdError(f"converting {Path(data_root) / ASHU_VIT} failed (exit status {rc})")
+    return out

@@ -24,7 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-ASHU = "teachers/vit_cifar10_ashu/vit_model.pth"
 FREE = "vit_free"
 # label -> (kind, prior, extra overrides). prior None: not DeepInversion (its own synthesizer in the overrides)
 ROWS = {
@@ -110,18 +109,6 @@ KINDS = {k: v[0] for k, v in {**ROWS, **LEVERS}.items()}
 STUDENTS = {"vit": "vit_cifar_tiny", "vit_small": "vit_cifar_small", "resnet20": "resnet20_cifar"}
 
 
-def convert_teacher(data_root: Path, cache: Path) -> Path:
-    from dfkd.models.convert import main as convert
-
-    out = cache / "vit_cifar10_ashu.safetensors"
-    if not (out.is_file() and out.with_suffix(".json").is_file()):
-        rc = convert([str(data_root / ASHU), str(out), "--num-heads", "4", "--mean", "0", "0", "0",
-                      "--std", "1", "1", "1"])
-        if rc:
-            raise SystemExit(rc)
-    return out
-
-
 def redact_files(name: str, out: Path, cache: Path | None = None) -> None:
     """Replace this machine's output and cache folders in results/<name>.{json,md} with placeholders."""
     subs = [(str(out.resolve()), "results"), (str(out), "results")]
@@ -194,8 +181,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("results"))
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every row")
     args = ap.parse_args()
-    if not args.data_root or not (Path(args.data_root) / ASHU).is_file():
-        raise SystemExit(f"error: needs --data-root or DFKD_DATA with {ASHU} and cifar10/")
+    from dfkd.bench import ASHU_VIT
+
+    if not args.data_root or not (Path(args.data_root) / ASHU_VIT).is_file():
+        raise SystemExit(f"error: needs --data-root or DFKD_DATA with {ASHU_VIT} and cifar10/")
     os.environ.setdefault("DFKD_CACHE", str(Path(tempfile.gettempdir()) / "dfkd_bench_cache"))
     cache = Path(os.environ["DFKD_CACHE"])
     cache.mkdir(parents=True, exist_ok=True)
@@ -203,13 +192,13 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from dfkd.bench import compose, prepare_teacher
+    from dfkd.bench import ashu_vit_teacher, compose, prepare_teacher
     from dfkd.errors import DfkdError
     from dfkd.pipeline import run_distill
 
     started = time.perf_counter()
     load0 = os.getloadavg()
-    ckpt = convert_teacher(Path(args.data_root), cache)
+    ckpt = ashu_vit_teacher(args.data_root, cache)
     root = Path(args.data_root) / "cifar10"
     df = ["synthesizer=deepinversion_vit_cifar"]
     base = ["data=cifar10", f"data.root={root}", f"data.test_limit={args.test_limit or 'null'}",

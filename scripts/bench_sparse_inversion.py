@@ -40,16 +40,13 @@ def main() -> None:
     import yaml
 
     torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_b2_real import convert_teacher
-
-    from dfkd.bench import prepare_teacher
+    from dfkd.bench import ashu_vit_teacher, prepare_teacher
     from dfkd.models.checkpoint import atomic_write_bytes, atomic_write_json
     from dfkd.pipeline import hardware
     from generators import build_synthesizer
 
     started = time.perf_counter()
-    ckpt = convert_teacher(Path(args.data_root), cache)
+    ckpt = ashu_vit_teacher(args.data_root, cache)
     t = prepare_teacher("distill", ["data=cifar10", f"data.root={Path(args.data_root) / 'cifar10'}",
                                     "data.test_limit=500", "teacher=timm", f"teacher.checkpoint={ckpt}",
                                     "teacher.model=null", "device=cpu", f"threads={args.threads}",

@@ -157,7 +157,6 @@ for line in sys.stdin:
                     runpy.run_module(c["module"], run_name="__main__", alter_sys=True)
                 elif "script" in c:
                     sys.argv = [c["script"], *c["args"]]
-                    sys.path.insert(0, os.path.dirname(os.path.abspath(c["script"])))  # as `python SCRIPT` does
                     runpy.run_path(c["script"], run_name="__main__")
                 else:
                     sys.argv = ["-c", *c["args"]]
