@@ -112,7 +112,8 @@ def redact_paths(obj: Any, extra: Optional[Mapping[Any, str]] = None) -> Any:
 
     import tempfile
 
-    subs = [(os.environ.get("DFKD_DATA"), "$DFKD_DATA"), (str(Path.cwd()) + os.sep, ""),
+    cwd = Path.cwd()
+    subs = [(os.environ.get("DFKD_DATA"), "$DFKD_DATA"), (str(cwd) + os.sep if cwd.parent != cwd else None, ""),
             (tempfile.gettempdir(), "$TMPDIR"), (str(Path.home()), "~")]
     subs = [(str(Path(a).resolve()) + (os.sep if a.endswith(os.sep) else "") if a else None, b)
             for a, b in subs] + subs
