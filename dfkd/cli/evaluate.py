@@ -86,7 +86,8 @@ def run_eval(cfg: DictConfig | Mapping[str, Any], run_dir: Path) -> dict[str, An
                             progress=bool(cfg.get("progress", True)))
         spec, what = net.spec, f"teacher {getattr(net, 'build_info', {}).get('name', '')}".strip()
     if data_cfg.get("name") == "none":
-        raise DfkdError("dfkd-eval needs a test set: data=none has none")
+        raise DfkdError("dfkd-eval needs a test set: name one, e.g. data=image_folder data.path=DIR, data=npz "
+                        "data.path=FILE or data=cifar10 (data=none, the default for a teacher of your own, has none)")
     data = fit_to_teacher(load_data(data_cfg, train=False) if model_path else raw, spec)
     if data.test is None:
         raise DfkdError(f"data {data.name!r} has no test images")
