@@ -5,7 +5,7 @@ Importing this package registers the built-in synthesizers in :data:`SYNTHESIZER
 
 from generators.base import SYNTHESIZERS, Synthesizer, SyntheticBatch, build_synthesizer
 from generators import baselines, inversion, adversarial, meta  # noqa: F401  (registration)
-from generators import stored  # noqa: F401  (registration)
+from generators import stored, procedural  # noqa: F401  (registration)
 
 __all__ = ["SYNTHESIZERS", "Synthesizer", "SyntheticBatch", "build_synthesizer"]
 from generators import diffusion  # noqa: F401,E402  (registration; needs diffusers only when used)

@@ -56,6 +56,7 @@ ADV = ["synthesizer.adv_loss=js", "synthesizer.adv_mask=true", "synthesizer.adv_
        "synthesizer.g_steps=5", "synthesizer.ngf=64", "synthesizer.train_every=1", "synthesizer.train_warmup=0",
        "synthesizer.view=roll", "synthesizer.jitter=1", "synthesizer.label_embedding=true",
        "synthesizer.div=0.0", "loss.temperature=4.0", "distill.mix=both"]
+DI = ["synthesizer.iterations=50", "synthesizer.init=noise", "synthesizer.space=normalized"]
 LEVERS: dict[str, tuple[str, list[str], str]] = {  # row → (synthesizer option, base + lever, the lever in words)
     "fm": ("fast_meta", FM, "base: fast_meta, bounded adversarial term, bn 1, g_steps 4, ngf 64, 10 KD steps per batch"),
     "fm_kd30": ("fast_meta", FM + ["distill.kd_steps=30"], "30 KD steps per synthesized batch (not 10)"),
@@ -84,6 +85,18 @@ LEVERS: dict[str, tuple[str, list[str], str]] = {  # row → (synthesizer option
                         "two levers together: no label input (fm_noembed) and 30 KD steps per batch (fm_kd30)"),
     "fm_cl": ("fast_meta", FM + ["distill.channels_last=true"], "channels-last memory format for the models"),
     "fm_kdbatch64": ("fast_meta", FM + ["distill.batch_size=64"], "student batch 64 (not 128)"),
+    "di": ("deepinversion_cifar", DI, "base: DeepInversion, deepinversion_cifar settings, 50 iterations from noise"),
+    "di_dl": ("deepinversion_cifar", DI + ["synthesizer.init=dead_leaves"],
+              "start from procedural dead-leaves images, not Gaussian noise"),
+    "di_dl_it20": ("deepinversion_cifar", DI + ["synthesizer.init=dead_leaves", "synthesizer.iterations=20"],
+                   "two levers: dead-leaves start (di_dl) and 20 iterations (not 50)"),
+    "di_dl_it20_kd30": ("deepinversion_cifar", DI + ["synthesizer.init=dead_leaves", "synthesizer.iterations=20",
+                                                     "distill.kd_steps=30"],
+                        "three levers: di_dl_it20 and 30 KD steps per synthesized batch (not 10)"),
+    "proc": ("procedural", ["synthesizer.oversample=1"],
+             "procedural dead-leaves images labelled by the teacher: no optimisation, no generator"),
+    "proc_os4": ("procedural", ["synthesizer.oversample=4"],
+                 "procedural, 4x candidates, the class-balanced most confident quarter kept"),
     "adv": ("adversarial", ADV, "base: adversarial generator, bounded adversarial term, bn 1, g_steps 5, ngf 64"),
     "adv_bn10": ("adversarial", ADV + ["synthesizer.bn=10.0"], "BatchNorm-prior weight 10 (not 1)"),
     "adv_sample4": ("adversarial", ADV + ["synthesizer.train_warmup=10", "synthesizer.train_every=4"],

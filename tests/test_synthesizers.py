@@ -13,6 +13,7 @@ SMALL = {
     "adversarial": dict(g_steps=2, nz=8, ngf=8),
     "fast_meta": dict(g_steps=2, nz=8, ngf=8),
     "noise": {},
+    "procedural": dict(oversample=2),
     "real": {},
     "stored": dict(logits="teacher"),  # replays a stored dataset (tests/test_store.py covers the rest)
     "diffusion": dict(steps=3, guidance=1.0),  # a tiny random diffusers UNet (tests/test_diffusion.py: the rest)
