@@ -46,6 +46,12 @@ ROWS = {
                      ["{SPEC}", "synthesizer.iterations=10", "distill.kd_steps=30"]),
     "spec_bootstrap": ("data-free: teacher only (bootstrapped token statistics + entropy, 1/f^2 spectrum images)",
                        "vit_bootstrap", ["{SPEC}", "synthesizer.iterations=10", "distill.kd_steps=30"]),
+    # a hand-written image prior: dead-leaves images, labelled by the teacher as they are or as inversion's start
+    "procedural": ("data-free: teacher only (procedural dead-leaves images, no optimisation)", None,
+                   ["synthesizer=procedural", "distill.kd_steps=10"]),
+    "dl_entropy": ("data-free: teacher only (PSAQ-ViT entropy, started from dead-leaves images)", "vit_patch_entropy",
+                   ["{PIXEL}", "synthesizer.init=dead_leaves", "synthesizer.saturation=1.0", "synthesizer.iterations=10",
+                    "distill.kd_steps=30"]),
     "real": ("ceiling (uses real train images)", None, ["synthesizer=real"]),
 }
 SPEC = ["synthesizer.spectrum_decay=2.0", "synthesizer.saturation=0.4", "synthesizer.lr=0.05",
