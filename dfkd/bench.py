@@ -60,14 +60,16 @@ def prepare_teacher(config_name: str, overrides: Sequence[str], train_split: boo
 
 
 def run_methods(methods: Sequence[str], common: Sequence[str], per_method: dict[str, Sequence[str]],
-                seeds: Sequence[int], out_dir: Path, options: dict[str, str] | None = None) -> list[dict[str, Any]]:
+                seeds: Sequence[int], out_dir: Path, options: dict[str, str] | None = None,
+                seeds_for: dict[str, Sequence[int]] | None = None) -> list[dict[str, Any]]:
     """Run every method (a ``synthesizer`` config option; ``options`` maps a method to another
-    option of the group, e.g. a dataset-specific variant) for every seed."""
+    option of the group, e.g. a dataset-specific variant) for every seed (``seeds_for`` gives a method
+    its own seeds, e.g. one seed for the floor and the ceiling beside three for the headline)."""
     from dfkd.pipeline import run_distill
 
     rows = []
     for method in methods:
-        for seed in seeds:
+        for seed in (seeds_for or {}).get(method, seeds):
             option = (options or {}).get(method, method)
             overrides = [f"synthesizer={option}", f"seed={seed}", "progress=false", "resume=false",
                          *common, *per_method.get(method, [])]

@@ -41,6 +41,9 @@ def main() -> None:
     ap.add_argument("--student", default="resnet20_cifar", help="student config: resnet20_cifar | vit_cifar")
     ap.add_argument("--budget-minutes", type=float, default=10.0)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--seeds-for", action="append", default=[], metavar="METHOD=S[,S...]",
+                    help="a method's own seeds (repeatable), e.g. --seeds-for noise=0 --seeds-for real=0 beside "
+                         "--seeds 0 1 2 for the others")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--data-root", default=os.environ.get("DFKD_DATA"))
@@ -49,6 +52,15 @@ def main() -> None:
                                                   "longer-budget row beside the 10-minute table")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every method")
     args = ap.parse_args()
+    seeds_for = {}
+    for item in args.seeds_for:
+        method, _, seeds = item.partition("=")
+        try:
+            seeds_for[method] = [int(x) for x in seeds.split(",")]
+        except ValueError:
+            sys.exit(f"bench_b1_cifar: error: --seeds-for wants METHOD=S[,S...], got {item!r}")
+        if method not in args.methods:
+            sys.exit(f"bench_b1_cifar: error: --seeds-for names {method!r}, which is not in --methods")
     if not args.data_root or not Path(args.data_root).is_dir():
         sys.exit("bench_b1_cifar: error: set --data-root or DFKD_DATA to the folder with cifar10/ and teachers/")
 
@@ -78,7 +90,7 @@ def main() -> None:
     device, teacher_top1 = t["device"], t["teacher_top1"]
     name = args.name or f"b1_{args.student}_{device.type}"
     rows = run_methods(args.methods, common, per_method, args.seeds, args.out / name,
-                       options={"deepinversion": "deepinversion_cifar"})
+                       options={"deepinversion": "deepinversion_cifar"}, seeds_for=seeds_for)
     extra = {"budget_minutes_per_method": args.budget_minutes, "student": args.student,
              "task": "CIFAR-10, pretrained ResNet-56 teacher", "cpu_mode": cpu,
              "test_set": test_set}

@@ -91,7 +91,7 @@ def main(argv=None) -> None:
            "rows": results}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(out, indent=1))
-    lines = [f"# Generator requested-class agreement — ResNet-56 teacher, fresh ResNet-20 student", "",
+    lines = ["# Generator requested-class agreement — ResNet-56 teacher, fresh ResNet-20 student", "",
              f"- command: `{out['command']}`", f"- hardware: {out['hardware']}",
              f"- seed {args.seed}; {args.rounds} rounds of batch {args.batch}, {args.kd_steps} KD steps per round; "
              f"total {out['total_seconds']:.0f} s; load average {load_start[0]:.1f} → {out['loadavg_end'][0]:.1f} "

@@ -18,7 +18,6 @@ Writes results/<name>.{json,md} with images/s for each piece.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -134,7 +133,7 @@ def main(argv=None) -> None:
     settings = DistillSettings(**{**_plain(cfg.distill), "channels_last": True, "budget_minutes": None})
     d = Distiller(teacher, student, synth, settings, None, augment=aug, device=device, progress=False)
     d.engine.set_lr()
-    add(f"KD step, teacher logits live, channels-last", timed(lambda: d.train_student_step(imgs, tl), args.repeats), K)
+    add("KD step, teacher logits live, channels-last", timed(lambda: d.train_student_step(imgs, tl), args.repeats), K)
     add("teacher forward+backward to the input, BN prior, channels-last", timed(t_fb, args.repeats), B)
 
     payload = {"benchmark": args.name, "command": " ".join(["python", *sys.argv]), "hardware": hardware(),
@@ -144,7 +143,7 @@ def main(argv=None) -> None:
     payload = redact_paths(payload)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / f"{args.name}.json", payload)
-    md = [f"# Where a B1 CPU round's time goes — ResNet-56 teacher, ResNet-20 student", "",
+    md = ["# Where a B1 CPU round's time goes — ResNet-56 teacher, ResNet-20 student", "",
           f"- command: `{payload['command']}`", hardware_line(payload["hardware"]),
           f"- synthesis batch {B}, KD batch {K}; median of {args.repeats} calls after one warm-up; "
           f"total {payload['wall_seconds']:.0f} s; load average {load_start[0]:.1f} → {os.getloadavg()[0]:.1f} "
