@@ -228,3 +228,68 @@ def test_compensation_from_input_statistics_brings_the_student_closer():
     teacher.eval()
     same = init_from_teacher(YOLOModel(narrower_yolo_cfg(TINY_V5, width(TINY_V5))).eval(), teacher, images=x)
     assert all(torch.equal(a, b) for a, b in zip(outputs(same, x), ref))
+
+
+def _detect_inputs(model: YOLOModel, x: torch.Tensor) -> list[torch.Tensor]:
+    from dfkd.detection.train import _DetectInputs
+
+    rec = _DetectInputs(model.head)
+    try:
+        outputs(model, x)
+    finally:
+        rec.remove()
+    assert not model.head._forward_pre_hooks
+    return rec.out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kept_channels_name_the_teacher_features_the_student_starts_from(family):
+    """On a teacher whose removable channels are exactly zero, the half-width student's neck features equal
+    the teacher's at :func:`kept_channels` (so the feature loss is 0 at the start); any other choice of
+    channels (here the first ones) is not, and neither is a teacher with nothing removable."""
+    from dfkd.detection.train import neck_feature_loss
+    from dfkd.detection.yolo_slim import kept_channels
+
+    cfg = FAMILIES[family]
+    teacher = network(cfg)
+    student = YOLOModel(narrower_yolo_cfg(cfg)).eval()
+    _exactly_prunable(teacher, student)
+    init_from_teacher(student, teacher, "bn")
+    x = torch.rand(2, 3, 64, 64)
+    ft, fs = _detect_inputs(teacher, x), _detect_inputs(student, x)
+    idx = kept_channels(teacher, student, "bn")
+    assert [len(i) for i in idx] == [f.shape[1] for f in fs] and len(idx) == len(student.strides)
+    assert all(len(i) < f.shape[1] for i, f in zip(idx, ft))  # the student really is narrower
+    assert neck_feature_loss(fs, ft, idx).item() < 1e-8
+    first = [torch.arange(len(i)) for i in idx]
+    assert not all(torch.equal(a, b) for a, b in zip(first, idx))
+    assert neck_feature_loss(fs, ft, first).item() > 1e-3
+    dense = network(cfg, seed=3)
+    plain = YOLOModel(narrower_yolo_cfg(cfg)).eval()
+    init_from_teacher(plain, dense, "bn")
+    assert neck_feature_loss(_detect_inputs(plain, x), _detect_inputs(dense, x),
+                             kept_channels(dense, plain, "bn")).item() > 1e-3
+
+
+def test_feature_kd_through_the_command(tmp_path):
+    """``detection.feature_kd``: the run logs the feature term, leaves no hook on either network; without
+    ``detection.student_init=teacher`` it is one line."""
+    import json
+
+    import yaml
+
+    from dfkd.pipeline import run_distill
+    from test_yolo_task import composed
+
+    arch = tmp_path / "tiny.yaml"
+    arch.write_text(yaml.safe_dump(TINY_V5))
+    loop = ["teacher=yolo", f"teacher.checkpoint={arch}", "teacher.kwargs.image_size=64", "data.name=none",
+            "synthesizer=box_noise", "synthesizer.batch_size=2", "detection.steps=4", "detection.kd_steps=2",
+            "detection.batch_size=2", "detection.memory_size=4", "detection.score_thresh=0.0",
+            "teacher.kwargs.max_det=3", "progress=false", "threads=1", "device=cpu"]
+    run_distill(composed(*loop, "detection.student_init=teacher", "detection.feature_kd=1.0"), tmp_path / "run")
+    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    feats = [r["kd/feature"] for r in recs if "kd/feature" in r]
+    assert feats and all(0 <= f < float("inf") for f in feats)
+    with pytest.raises(DfkdError, match="feature_kd needs detection.student_init=teacher"):
+        run_distill(composed(*loop, "detection.feature_kd=1.0"), tmp_path / "bad")

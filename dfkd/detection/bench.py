@@ -210,7 +210,7 @@ def b4_real_row(row: str, kind: str, summary: Mapping[str, Any], run_dir: Path, 
     recs = read_metrics(run_dir)
     vals = [r["kd/pseudo_boxes_per_image"] for r in recs if "kd/pseudo_boxes_per_image" in r]
     kd = [r for r in recs if "kd/loss" in r]
-    losses = {k: [kd[0][k], kd[-1][k]] for k in ("kd/loss", "kd/head", "kd/class_kd")
+    losses = {k: [kd[0][k], kd[-1][k]] for k in ("kd/loss", "kd/head", "kd/class_kd", "kd/feature")
               if kd and k in kd[0] and k in kd[-1]}
     s = summary
     return {"method": row, "kind": kind, "map": s.get("student_map"), "map50": s.get("student_map50"),
@@ -245,7 +245,9 @@ def b4_real_markdown(payload: Mapping[str, Any]) -> list[str]:
         "COCO mAP by pycocotools (confidence ≥ 0.001, NMS IoU 0.45, 100 detections per image)",
         f"- budget: {a['budget_minutes']} min of distillation per row (synthesis included), seed {a['seed']}; "
         f"student batch {a['kd_batch']}, AdamW lr {a['lr']} (cosine over the budget), pseudo-boxes at confidence "
-        f"≥ {a['score_thresh']}, class KD {a['class_kd']}, head matching {'on' if a['head_matching'] else 'off'}; "
+        f"≥ {a['score_thresh']}, class KD {a['class_kd']}, head matching {'on' if a['head_matching'] else 'off'}"
+        + (f", neck-feature KD {a['feature_kd']} (the student's Detect inputs onto the teacher's kept channels)"
+           if a.get("feature_kd") else "") + "; "
         f"box_inversion: batch {a['inv_batch']}, {a['inv_iterations']} iterations, {a['inv_kd_steps']} student "
         f"steps per batch, the shipped synthesizer weights",
         f"- hardware: {hw.get('gpu') or 'CPU'}, {hw['cpu_count']} cores, torch {hw['torch']} ({hw['cpu_threads']} "

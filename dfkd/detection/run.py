@@ -56,6 +56,7 @@ class DetectionSettings:
     score_thresh: float = 0.45        # teacher score for a pseudo-box
     class_kd: float = 2.0             # weight of the teacher's class distribution on its objects
     class_kd_temperature: float = 2.0
+    feature_kd: float = 0.0           # YOLO student from the teacher: its neck features onto the teacher's kept channels
     head_matching: bool = False       # also match every head output (same geometry)
     head_weight: float = 1.0
     memory_size: int = 4096           # synthetic images kept for the student
@@ -103,12 +104,15 @@ def detection_settings(node: Mapping[str, Any] | None) -> DetectionSettings:
         v = getattr(s, k)
         if v is not None and not (isinstance(v, (int, float)) and v > 0 and v < float("inf")):
             raise DfkdError(f"detection.{k} must be a positive number, got {v!r}")
-    for k in ("class_kd", "weight_decay", "grad_clip", "head_weight", "jitter", "scale"):
+    for k in ("class_kd", "feature_kd", "weight_decay", "grad_clip", "head_weight", "jitter", "scale"):
         v = getattr(s, k)
         if not (isinstance(v, (int, float)) and 0 <= v < float("inf")):
             raise DfkdError(f"detection.{k} must be a number ≥ 0, got {v!r}")
     if s.student_init not in ("scratch", "teacher"):
         raise DfkdError(f"detection.student_init must be scratch or teacher, got {s.student_init!r}")
+    if s.feature_kd > 0 and s.student_init != "teacher":
+        raise DfkdError("detection.feature_kd needs detection.student_init=teacher (a YOLO student whose channels "
+                        "are a subset of the teacher's)")
     if not 0 <= s.score_thresh < 1:
         raise DfkdError(f"detection.score_thresh must be in [0, 1), got {s.score_thresh}")
     return s
@@ -340,6 +344,11 @@ def run_detection(cfg: Mapping[str, Any], run_dir: str | Path) -> dict[str, Any]
     student = initial_student(teacher_model, tb, s, seed, device)
     source, _ = build_detection_source(cfg["synthesizer"], teacher, student, tb, s, seed, device)
     kd_steps = s.kd_steps or int(getattr(syn_cls, "default_kd_steps", 4))
+    feature_channels = None
+    if s.feature_kd > 0:
+        from dfkd.detection.yolo_slim import kept_channels
+
+        feature_channels = kept_channels(teacher_model, student, str((s.student_kwargs or {}).get("importance", "bn")))
     atomic_write_json(run_dir / "config.json", cfg)
 
     def checkpoint(run_state: dict) -> None:
@@ -358,7 +367,8 @@ def run_detection(cfg: Mapping[str, Any], run_dir: str | Path) -> dict[str, Any]
     res = distill_detector(teacher, student, source, steps=s.steps, batch_size=s.batch_size, lr=s.lr,
                            weight_decay=s.weight_decay, score_thresh=s.score_thresh, head_matching=s.head_matching,
                            head_weight=s.head_weight, class_kd=s.class_kd,
-                           class_kd_temperature=s.class_kd_temperature, memory_size=s.memory_size,
+                           class_kd_temperature=s.class_kd_temperature, feature_kd=s.feature_kd,
+                           feature_channels=feature_channels, memory_size=s.memory_size,
                            kd_steps_per_round=kd_steps, augment=BoxAugment(flip=s.flip, jitter=s.jitter,
                                                                            scale=s.scale),
                            grad_clip=s.grad_clip,

@@ -8,7 +8,9 @@ pseudo-labels on those same augmented images (boxes with score ≥ ``score_thres
 with the student's own detection loss; optionally the student's head outputs also match the
 teacher's (sigmoid BCE on class logits and centerness, L1 on box regression), and/or its class
 logits match the teacher's class probabilities on the teacher's objects (``class_kd``: this passes
-on which class the teacher almost chose — the knowledge that hard pseudo-labels drop).
+on which class the teacher almost chose — the knowledge that hard pseudo-labels drop), and/or a
+teacher-initialised YOLO student's neck features (its Detect layer's inputs) match the teacher's at the
+channels it was given (``feature_kd``, :func:`neck_feature_loss`).
 """
 
 from __future__ import annotations
@@ -251,6 +253,32 @@ def class_kd_loss(student_out: dict, teacher_out: dict, temperature: float = 1.0
     return (w * bce).sum() / w.sum().clamp_min(1.0)
 
 
+class _DetectInputs:
+    """Records the feature maps that ``detect`` (a YOLO Detect layer) is called with."""
+
+    def __init__(self, detect: nn.Module):
+        self.out: Optional[list[torch.Tensor]] = None
+        self.handle = detect.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args) -> None:
+        self.out = list(args[0])
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def neck_feature_loss(student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor],
+                      channels: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over levels of ‖s − t[:, channels]‖² / mean t[:, channels]²: the student's neck features
+    regressed onto the teacher's at the teacher channels it holds (scale-free per level, so the wide
+    low-resolution levels do not outweigh the fine ones)."""
+    terms = []
+    for s, t, idx in zip(student_feats, teacher_feats, channels):
+        t = t.detach().float()[:, idx.to(t.device)]
+        terms.append(F.mse_loss(s.float(), t) / t.pow(2).mean().clamp_min(1e-6))
+    return torch.stack(terms).mean()
+
+
 def _same_geometry(a: dict, b: dict) -> bool:
     return set(a) == set(b) and all(tuple(a[k].shape) == tuple(b[k].shape) for k in a)
 
@@ -274,13 +302,15 @@ class DetectionDistillation(Task):
 
     def __init__(self, teacher, student, source, memory: ImageMemory, augment, g: torch.Generator, batch_size: int,
                  kd_steps: int, score_thresh: float, head_matching: bool, head_weight: float, class_kd: float,
-                 class_kd_temperature: float, eval_fn: Optional[Callable[[nn.Module], dict]]):
+                 class_kd_temperature: float, eval_fn: Optional[Callable[[nn.Module], dict]],
+                 feature_kd: float = 0.0, feature_channels: Optional[list[torch.Tensor]] = None):
         self.teacher, self.student, self.source, self.memory = teacher, student, source, memory
         self.augment, self.g, self.batch_size, self.kd_steps = augment, g, int(batch_size), int(kd_steps)
         self.score_thresh, self.head_matching, self.head_weight = score_thresh, head_matching, head_weight
         self.class_kd, self.class_kd_temperature, self.eval_fn = class_kd, class_kd_temperature, eval_fn
+        self.feature_kd, self.feature_channels = float(feature_kd), feature_channels
         self.synth_seconds, self.synth_images = 0.0, 0
-        self.hooks_t = self.hooks_s = None
+        self.hooks_t = self.hooks_s = self.feats_t = self.feats_s = None
 
     def modules(self) -> list[nn.Module]:
         return [self.student, self.teacher]
@@ -288,12 +318,15 @@ class DetectionDistillation(Task):
     def begin(self, engine: Engine) -> None:
         if self.head_matching or self.class_kd > 0:
             self.hooks_t, self.hooks_s = _HeadOutputs(self.teacher.model), _HeadOutputs(self.student)
+        if self.feature_kd > 0:
+            self.feats_t = _DetectInputs(self.teacher.model.model.head)
+            self.feats_s = _DetectInputs(self.student.model.head)
 
     def end(self, engine: Engine) -> None:  # hooks removed on every exit path
-        for h in (self.hooks_t, self.hooks_s):
+        for h in (self.hooks_t, self.hooks_s, self.feats_t, self.feats_s):
             if h is not None:
                 h.remove()
-        self.hooks_t = self.hooks_s = None
+        self.hooks_t = self.hooks_s = self.feats_t = self.feats_s = None
 
     def round(self, engine: Engine) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -333,6 +366,15 @@ class DetectionDistillation(Task):
                                   f"shape ({ {k: tuple(v.shape) for k, v in self.hooks_t.out.items()} } vs "
                                   f"{ {k: tuple(v.shape) for k, v in self.hooks_s.out.items()} })")
                     self.head_matching, self.class_kd = False, 0.0
+            if self.feature_kd > 0:
+                shapes_t = [tuple(t.shape[-2:]) for t in self.feats_t.out]
+                shapes_s = [tuple(t.shape[-2:]) for t in self.feats_s.out]
+                if shapes_t != shapes_s:
+                    raise DfkdError(f"detection.feature_kd: the teacher's neck features are {shapes_t}, the "
+                                    f"student's {shapes_s}; they need the same input size")
+                lf = neck_feature_loss(self.feats_s.out, self.feats_t.out, self.feature_channels)
+                loss = loss + self.feature_kd * lf
+                parts["feature"] = lf.detach()
             parts["loss"] = engine.optimizer_step(loss)
             taken += 1
             for k, v in parts.items():
@@ -373,6 +415,8 @@ def distill_detector(
     head_weight: float = 1.0,
     class_kd: float = 0.0,
     class_kd_temperature: float = 1.0,
+    feature_kd: float = 0.0,
+    feature_channels: Optional[list[torch.Tensor]] = None,
     memory_size: int = 4096,
     kd_steps_per_round: int = 10,
     augment: bool | BoxAugment | None = True,
@@ -401,7 +445,9 @@ def distill_detector(
     over ``budget_seconds`` of wall time, whichever ends first). ``class_kd > 0`` adds
     :func:`class_kd_loss` (the teacher's class distribution on its objects, at
     ``class_kd_temperature``) with that weight; like ``head_matching`` it needs heads of the same
-    geometry and is skipped with a warning otherwise.
+    geometry and is skipped with a warning otherwise. ``feature_kd > 0`` adds :func:`neck_feature_loss`
+    with that weight: a YOLO student's Detect-layer inputs against the teacher's at ``feature_channels``
+    (one index tensor per level, :func:`dfkd.detection.yolo_slim.kept_channels`).
     ``eval_fn(student) -> {metric: value}`` runs at the end of the round in which the step count
     passes a multiple of ``eval_every`` (or ``eval_every_seconds`` after the last), and at the end;
     its metrics join that round's record as ``test/<name>``.
@@ -428,8 +474,19 @@ def distill_detector(
     if (head_matching or class_kd > 0) and not (hasattr(teacher.model, "head") and hasattr(student, "head")):
         warnings.warn("head matching and class KD need torchvision detectors with a .head; skipped")
         head_matching, class_kd = False, 0.0
+    if feature_kd > 0:
+        from dfkd.detection.yolo import YOLOModel
+
+        if not (isinstance(getattr(student, "model", None), YOLOModel)
+                and isinstance(getattr(teacher.model, "model", None), YOLOModel)):
+            raise DfkdError("detection.feature_kd needs a YOLO teacher and a YOLO student")
+        levels = len(student.model.strides)
+        if feature_channels is None or len(feature_channels) != levels:
+            raise DfkdError("detection.feature_kd needs the teacher channels of each of the student's "
+                            f"{levels} neck features (detection.student_init=teacher)")
     task = DetectionDistillation(teacher, student, source, memory, augment, g, batch_size, kd_steps_per_round,
-                                 score_thresh, head_matching, head_weight, class_kd, class_kd_temperature, eval_fn)
+                                 score_thresh, head_matching, head_weight, class_kd, class_kd_temperature, eval_fn,
+                                 feature_kd, feature_channels)
     engine = Engine(student, opt, Schedule(lr, int(steps), "step", 0.0, "cosine", budget_seconds), device=device,
                     grad_clip=grad_clip, checkpoint_every=checkpoint_every, save_fn=checkpoint_fn,
                     eval_every=eval_every if eval_fn is not None else 0,

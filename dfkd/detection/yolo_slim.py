@@ -286,6 +286,24 @@ def slimmed_state_dict(teacher: nn.Module, student: nn.Module, importance: str =
                        stats: Optional[dict] = None) -> dict[str, torch.Tensor]:
     """Every tensor of ``student``'s state dict, selected from ``teacher``'s (two :class:`YOLOModel`s of one
     architecture description at different width multiples; see the module docstring)."""
+    return _slim(teacher, student, importance, stats)[0]
+
+
+def kept_channels(teacher: nn.Module, student: nn.Module, importance: str = "bn") -> list[torch.Tensor]:
+    """For each input of ``student``'s Detect layer (in order), the indices of the teacher channels it holds
+    after :func:`init_from_teacher` with the same ``importance``: the teacher's activations at those channels
+    are the features the student started from (the targets of ``detection.feature_kd``)."""
+    from dfkd.detection.yolo import YOLOModel
+
+    s_model = student if isinstance(student, YOLOModel) else student.model
+    t_model = teacher if isinstance(teacher, YOLOModel) else teacher.model
+    sels = _slim(t_model, s_model, importance, None)[1]
+    f = t_model.model[-1].f
+    return [sels[j].idx.clone() for j in ([f] if isinstance(f, int) else f)]
+
+
+def _slim(teacher: nn.Module, student: nn.Module, importance: str,
+          stats: Optional[dict]) -> tuple[dict[str, torch.Tensor], list[Sel]]:
     if len(teacher.model) != len(student.model):
         raise DfkdError(f"the teacher has {len(teacher.model)} layers, the student {len(student.model)}: a "
                         "teacher-initialised student needs the teacher's layer list")
@@ -301,7 +319,7 @@ def slimmed_state_dict(teacher: nn.Module, student: nn.Module, importance: str =
                 x = sels[t.f] if isinstance(t.f, int) else [x if j == -1 else sels[j] for j in t.f]
             x = sl.layer(t, s, x, f"layer {t.i} ({type(t).__name__})")
             sels.append(x)
-    return sl.state
+    return sl.state, sels
 
 
 def init_from_teacher(student: nn.Module, teacher: nn.Module, importance: str = "bn",
