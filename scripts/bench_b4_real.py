@@ -63,6 +63,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     a("--class-kd", type=float, default=2.0)
     a("--feature-kd", type=float, default=0.0,
       help="with --student-init teacher: weight of the neck features' regression onto the teacher's kept channels")
+    a("--freeze-bn", action="store_true",
+      help="the student's BatchNorm keeps its starting running statistics (the teacher's, with --student-init teacher)")
     a("--source-batch", type=int, default=8, help="images per round of box_noise and box_real")
     a("--kd-steps", type=int, default=4, help="student steps per round of box_noise and box_real")
     a("--inv-batch", type=int, default=8)
@@ -94,6 +96,8 @@ def overrides(args: argparse.Namespace, row: str, score_teacher: bool) -> list[s
     if args.student_init != "scratch":
         common += [f"detection.student_init={args.student_init}",
                    f"+detection.student_kwargs.importance={args.importance}"]
+    if args.freeze_bn:
+        common.append("detection.freeze_bn=true")
     if args.feature_kd:
         common.append(f"detection.feature_kd={args.feature_kd}")
     if row == "box_inversion":

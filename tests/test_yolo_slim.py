@@ -293,3 +293,33 @@ def test_feature_kd_through_the_command(tmp_path):
     assert feats and all(0 <= f < float("inf") for f in feats)
     with pytest.raises(DfkdError, match="feature_kd needs detection.student_init=teacher"):
         run_distill(composed(*loop, "detection.feature_kd=1.0"), tmp_path / "bad")
+
+
+def test_freeze_bn_keeps_the_starting_statistics(tmp_path):
+    """``detection.freeze_bn=true``: after training, a teacher-initialised student's BatchNorm running statistics
+    are still the teacher's (its convolutions did change); without it they move to the synthetic batches'."""
+    import yaml
+
+    from dfkd.detection.models import load_detector
+    from dfkd.detection.yolo_task import load_yolo_teacher
+    from dfkd.pipeline import run_distill
+    from test_yolo_task import composed
+
+    arch = tmp_path / "tiny.yaml"
+    arch.write_text(yaml.safe_dump(TINY_V5))
+    loop = ["teacher=yolo", f"teacher.checkpoint={arch}", "teacher.kwargs.image_size=64", "data.name=none",
+            "synthesizer=box_noise", "synthesizer.batch_size=2", "detection.steps=3", "detection.kd_steps=3",
+            "detection.batch_size=2", "detection.memory_size=2", "detection.score_thresh=0.0", "detection.lr=0.01",
+            "teacher.kwargs.max_det=3", "progress=false", "threads=1", "device=cpu", "detection.student_init=teacher",
+            f"+detection.student_kwargs.width_multiple={TINY_V5['width_multiple']}"]
+    teacher = load_yolo_teacher({"source": "yolo", "checkpoint": str(arch), "kwargs": {"image_size": 64}})
+    t_bn = {k: v for k, v in teacher.model.state_dict().items() if "running" in k}
+    moved = {}
+    for freeze in (True, False):
+        run_distill(composed(*loop, f"detection.freeze_bn={str(freeze).lower()}"), tmp_path / str(freeze))
+        st = load_detector(tmp_path / str(freeze) / "student.safetensors").model.state_dict()
+        moved[freeze] = max((st[k] - v).abs().max().item() for k, v in t_bn.items())
+        assert any(not torch.allclose(st[k], v) for k, v in teacher.model.state_dict().items() if "conv.weight" in k)
+    assert moved[True] == 0.0 and moved[False] > 1e-4
+    with pytest.raises(DfkdError, match="freeze_bn must be true or false"):
+        run_distill(composed(*loop, "detection.freeze_bn=sometimes"), tmp_path / "bad")

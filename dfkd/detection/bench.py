@@ -247,7 +247,8 @@ def b4_real_markdown(payload: Mapping[str, Any]) -> list[str]:
         f"student batch {a['kd_batch']}, AdamW lr {a['lr']} (cosine over the budget), pseudo-boxes at confidence "
         f"≥ {a['score_thresh']}, class KD {a['class_kd']}, head matching {'on' if a['head_matching'] else 'off'}"
         + (f", neck-feature KD {a['feature_kd']} (the student's Detect inputs onto the teacher's kept channels)"
-           if a.get("feature_kd") else "") + "; "
+           if a.get("feature_kd") else "")
+        + (", the student's BatchNorm frozen at its starting statistics" if a.get("freeze_bn") else "") + "; "
         f"box_inversion: batch {a['inv_batch']}, {a['inv_iterations']} iterations, {a['inv_kd_steps']} student "
         f"steps per batch, the shipped synthesizer weights",
         f"- hardware: {hw.get('gpu') or 'CPU'}, {hw['cpu_count']} cores, torch {hw['torch']} ({hw['cpu_threads']} "

@@ -57,6 +57,7 @@ class DetectionSettings:
     class_kd: float = 2.0             # weight of the teacher's class distribution on its objects
     class_kd_temperature: float = 2.0
     feature_kd: float = 0.0           # YOLO student from the teacher: its neck features onto the teacher's kept channels
+    freeze_bn: bool = False           # the student's BatchNorm keeps the running statistics it started with
     head_matching: bool = False       # also match every head output (same geometry)
     head_weight: float = 1.0
     memory_size: int = 4096           # synthetic images kept for the student
@@ -110,6 +111,8 @@ def detection_settings(node: Mapping[str, Any] | None) -> DetectionSettings:
             raise DfkdError(f"detection.{k} must be a number ≥ 0, got {v!r}")
     if s.student_init not in ("scratch", "teacher"):
         raise DfkdError(f"detection.student_init must be scratch or teacher, got {s.student_init!r}")
+    if not isinstance(s.freeze_bn, bool):
+        raise DfkdError(f"detection.freeze_bn must be true or false, got {s.freeze_bn!r}")
     if s.feature_kd > 0 and s.student_init != "teacher":
         raise DfkdError("detection.feature_kd needs detection.student_init=teacher (a YOLO student whose channels "
                         "are a subset of the teacher's)")
@@ -368,7 +371,7 @@ def run_detection(cfg: Mapping[str, Any], run_dir: str | Path) -> dict[str, Any]
                            weight_decay=s.weight_decay, score_thresh=s.score_thresh, head_matching=s.head_matching,
                            head_weight=s.head_weight, class_kd=s.class_kd,
                            class_kd_temperature=s.class_kd_temperature, feature_kd=s.feature_kd,
-                           feature_channels=feature_channels, memory_size=s.memory_size,
+                           feature_channels=feature_channels, freeze_bn=s.freeze_bn, memory_size=s.memory_size,
                            kd_steps_per_round=kd_steps, augment=BoxAugment(flip=s.flip, jitter=s.jitter,
                                                                            scale=s.scale),
                            grad_clip=s.grad_clip,

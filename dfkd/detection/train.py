@@ -303,12 +303,14 @@ class DetectionDistillation(Task):
     def __init__(self, teacher, student, source, memory: ImageMemory, augment, g: torch.Generator, batch_size: int,
                  kd_steps: int, score_thresh: float, head_matching: bool, head_weight: float, class_kd: float,
                  class_kd_temperature: float, eval_fn: Optional[Callable[[nn.Module], dict]],
-                 feature_kd: float = 0.0, feature_channels: Optional[list[torch.Tensor]] = None):
+                 feature_kd: float = 0.0, feature_channels: Optional[list[torch.Tensor]] = None,
+                 freeze_bn: bool = False):
         self.teacher, self.student, self.source, self.memory = teacher, student, source, memory
         self.augment, self.g, self.batch_size, self.kd_steps = augment, g, int(batch_size), int(kd_steps)
         self.score_thresh, self.head_matching, self.head_weight = score_thresh, head_matching, head_weight
         self.class_kd, self.class_kd_temperature, self.eval_fn = class_kd, class_kd_temperature, eval_fn
         self.feature_kd, self.feature_channels = float(feature_kd), feature_channels
+        self.freeze_bn = bool(freeze_bn)
         self.synth_seconds, self.synth_images = 0.0, 0
         self.hooks_t = self.hooks_s = self.feats_t = self.feats_s = None
 
@@ -335,6 +337,10 @@ class DetectionDistillation(Task):
         self.synth_images += len(batch.images)
         self.memory.add(batch.images)
         self.student.train()
+        if self.freeze_bn:  # normalise with the running statistics the student started with (γ, β still learn)
+            for m in self.student.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         sums: dict[str, torch.Tensor] = {}  # on the device: synced once per round (the log interval)
         n_boxes = taken = 0
         for _ in range(self.kd_steps):
@@ -417,6 +423,7 @@ def distill_detector(
     class_kd_temperature: float = 1.0,
     feature_kd: float = 0.0,
     feature_channels: Optional[list[torch.Tensor]] = None,
+    freeze_bn: bool = False,
     memory_size: int = 4096,
     kd_steps_per_round: int = 10,
     augment: bool | BoxAugment | None = True,
@@ -447,7 +454,9 @@ def distill_detector(
     ``class_kd_temperature``) with that weight; like ``head_matching`` it needs heads of the same
     geometry and is skipped with a warning otherwise. ``feature_kd > 0`` adds :func:`neck_feature_loss`
     with that weight: a YOLO student's Detect-layer inputs against the teacher's at ``feature_channels``
-    (one index tensor per level, :func:`dfkd.detection.yolo_slim.kept_channels`).
+    (one index tensor per level, :func:`dfkd.detection.yolo_slim.kept_channels`). ``freeze_bn``: the
+    student's BatchNorm layers normalise with the running statistics it started with (a teacher-initialised
+    student keeps the teacher's; synthetic batches do not overwrite them), their γ and β still learn.
     ``eval_fn(student) -> {metric: value}`` runs at the end of the round in which the step count
     passes a multiple of ``eval_every`` (or ``eval_every_seconds`` after the last), and at the end;
     its metrics join that round's record as ``test/<name>``.
@@ -486,7 +495,7 @@ def distill_detector(
                             f"{levels} neck features (detection.student_init=teacher)")
     task = DetectionDistillation(teacher, student, source, memory, augment, g, batch_size, kd_steps_per_round,
                                  score_thresh, head_matching, head_weight, class_kd, class_kd_temperature, eval_fn,
-                                 feature_kd, feature_channels)
+                                 feature_kd, feature_channels, freeze_bn)
     engine = Engine(student, opt, Schedule(lr, int(steps), "step", 0.0, "cosine", budget_seconds), device=device,
                     grad_clip=grad_clip, checkpoint_every=checkpoint_every, save_fn=checkpoint_fn,
                     eval_every=eval_every if eval_fn is not None else 0,
