@@ -114,15 +114,21 @@ def _exactly_prunable(teacher: YOLOModel, student: YOLOModel, seed: int = 1) -> 
             apply(mod, mask(mod.conv.out_channels, s_mods[name].conv.out_channels))
 
 
+def _prunable_pair(cfg) -> tuple[YOLOModel, YOLOModel]:
+    """An exactly prunable teacher and the half-width student selected from it (by |γ|)."""
+    teacher = network(cfg)
+    student = YOLOModel(narrower_yolo_cfg(cfg)).eval()
+    _exactly_prunable(teacher, student)
+    init_from_teacher(student, teacher, "bn")
+    return teacher, student
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_selection_is_consistent_through_concat_residuals_pools_and_the_head(family):
     """A teacher whose removable channels are exactly zero: the half-width student selected from it gives
     the teacher's outputs (every Concat offset, residual, C2f split, SPPF copy and Detect input right)."""
     cfg = FAMILIES[family]
-    teacher = network(cfg)
-    student = YOLOModel(narrower_yolo_cfg(cfg)).eval()
-    _exactly_prunable(teacher, student)
-    init_from_teacher(student, teacher, "bn")
+    teacher, student = _prunable_pair(cfg)
     x = torch.rand(2, 3, 64, 64)
     for a, b in zip(outputs(teacher, x), outputs(student, x)):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
@@ -251,10 +257,7 @@ def test_kept_channels_name_the_teacher_features_the_student_starts_from(family)
     from dfkd.detection.yolo_slim import kept_channels
 
     cfg = FAMILIES[family]
-    teacher = network(cfg)
-    student = YOLOModel(narrower_yolo_cfg(cfg)).eval()
-    _exactly_prunable(teacher, student)
-    init_from_teacher(student, teacher, "bn")
+    teacher, student = _prunable_pair(cfg)
     x = torch.rand(2, 3, 64, 64)
     ft, fs = _detect_inputs(teacher, x), _detect_inputs(student, x)
     idx = kept_channels(teacher, student, "bn")
