@@ -274,7 +274,7 @@ def neck_feature_loss(student_feats: list[torch.Tensor], teacher_feats: list[tor
     low-resolution levels do not outweigh the fine ones)."""
     terms = []
     for s, t, idx in zip(student_feats, teacher_feats, channels):
-        t = t.detach().float()[:, idx.to(t.device)]
+        t = t.detach().float()[:, idx.to(t.device)]  # a no-op when the indices are already there
         terms.append(F.mse_loss(s.float(), t) / t.pow(2).mean().clamp_min(1e-6))
     return torch.stack(terms).mean()
 
@@ -493,6 +493,7 @@ def distill_detector(
         if feature_channels is None or len(feature_channels) != levels:
             raise DfkdError("detection.feature_kd needs the teacher channels of each of the student's "
                             f"{levels} neck features (detection.student_init=teacher)")
+        feature_channels = [c.to(device) for c in feature_channels]  # once, not a copy per step
     task = DetectionDistillation(teacher, student, source, memory, augment, g, batch_size, kd_steps_per_round,
                                  score_thresh, head_matching, head_weight, class_kd, class_kd_temperature, eval_fn,
                                  feature_kd, feature_channels, freeze_bn)
