@@ -83,6 +83,21 @@ def tensor_digest(tensors) -> str:
     return h.hexdigest()[:16]
 
 
-def cleanup() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def cleanup(synchronize: bool = True) -> None:
+    """Leave the process group together (``synchronize``; after a failure a rank leaves at once, since its
+    peers may be inside another collective): every rank waits for the others (rank 0 writes the run folder
+    after the others are done), drops what still holds the group (DistributedDataParallel's reducer and
+    its pending work) and only then destroys it. A rank that tore its group down while a peer still held
+    its connections, or left the reducer to the interpreter's shutdown, could abort with Gloo's
+    "terminate called without an active exception" and fail the whole launch."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    import gc
+
+    gc.collect()
+    if synchronize:
+        try:
+            dist.barrier()
+        except RuntimeError:  # a peer is already gone (it failed): its error is the one to report
+            pass
+    dist.destroy_process_group()

@@ -57,3 +57,20 @@ def test_a_model_without_a_linear_head_is_a_clear_error():
         classifier_head(conv)
     with pytest.raises(DfkdError, match="weights"):
         build_student_loss("penultimate", feature=-1.0)
+
+
+def test_head_from_teacher_copies_the_classifier_once_and_only_where_the_shapes_match(bn_teacher):
+    torch.manual_seed(2)
+    student = Teacher(build_model("small_cnn", num_classes=4, in_chans=3, width=8), [0.5] * 3, [0.25] * 3, (3, 8, 8), 4)
+    hs, ht = classifier_head(student), classifier_head(bn_teacher)
+    assert not torch.equal(hs.weight, ht.weight)
+    loss = build_student_loss("penultimate", head_from_teacher=True)
+    loss.setup(student, bn_teacher)
+    assert torch.equal(hs.weight, ht.weight) and torch.equal(hs.bias, ht.bias)
+    assert hs.weight.data_ptr() != ht.weight.data_ptr()  # a copy: training the student leaves the teacher alone
+    narrow = Teacher(build_model("small_cnn", num_classes=4, in_chans=3, width=4), [0.5] * 3, [0.25] * 3, (3, 8, 8), 4)
+    with pytest.raises(DfkdError, match="head_from_teacher needs classifiers of the same shape"):
+        build_student_loss("penultimate", head_from_teacher=True).setup(narrow, bn_teacher)
+    other = Teacher(build_model("small_cnn", num_classes=4, in_chans=3, width=8), [0.5] * 3, [0.25] * 3, (3, 8, 8), 4)
+    build_student_loss("penultimate").setup(other, bn_teacher)  # the default leaves the student's head alone
+    assert not torch.equal(classifier_head(other).weight, ht.weight)

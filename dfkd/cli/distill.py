@@ -26,8 +26,10 @@ def task(cfg: DictConfig) -> dict:
         summary = run_distill(cfg, run_dir)
         if D.is_main():
             print(format_summary(summary, Path(summary.get("run_dir", run_dir))))
-    finally:
-        D.cleanup()
+    except BaseException:
+        D.cleanup(synchronize=False)
+        raise
+    D.cleanup()
     return summary
 
 

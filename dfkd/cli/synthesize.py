@@ -169,8 +169,10 @@ def task(cfg: DictConfig) -> dict:
 
     try:
         summary = run_synthesize(cfg)
-    finally:
-        D.cleanup()
+    except BaseException:
+        D.cleanup(synchronize=False)
+        raise
+    D.cleanup()
     if summary.get("count") is None:
         print(f"rank {summary['rank']}: wrote its shards of {summary['output']}; rank 0 writes manifest.json")
     else:

@@ -91,7 +91,7 @@ class PenultimateKD(nn.Module, StudentLoss):
     same features)."""
 
     def __init__(self, kd: float = 1.0, feature: float = 1.0, temperature: float = 4.0, hard: float = 0.0,
-                 project: str = "auto"):
+                 project: str = "auto", head_from_teacher: bool = False):
         super().__init__()
         from dfkd.errors import DfkdError
 
@@ -100,7 +100,7 @@ class PenultimateKD(nn.Module, StudentLoss):
         if project not in ("auto", "always"):
             raise DfkdError(f"loss.project must be 'auto' or 'always', got {project!r}")
         self.w_kd, self.w_feature, self.temperature, self.hard = float(kd), float(feature), float(temperature), float(hard)
-        self.project = project
+        self.project, self.head_from_teacher = project, bool(head_from_teacher)
         self.proj: nn.Module = nn.Identity()
         self._heads: Optional[tuple[nn.Linear, nn.Linear]] = None
 
@@ -113,6 +113,18 @@ class PenultimateKD(nn.Module, StudentLoss):
         ht = classifier_head(teacher, hs.out_features)
         if self.project == "always" or hs.in_features != ht.in_features:
             self.proj = nn.Linear(hs.in_features, ht.in_features).to(hs.weight.device)
+        if self.head_from_teacher:
+            # SimKD-style: the student starts from the teacher's classifier, so regressing the features onto
+            # the teacher's moves its logits towards the teacher's from the first step (called before any
+            # checkpoint is restored: a resumed run keeps its trained head)
+            if not isinstance(self.proj, nn.Identity) or hs.weight.shape != ht.weight.shape \
+                    or (hs.bias is None) != (ht.bias is None):
+                raise DfkdError(f"loss.head_from_teacher needs classifiers of the same shape; the student's is "
+                                f"{tuple(hs.weight.shape)}, the teacher's {tuple(ht.weight.shape)} (set it false)")
+            with torch.no_grad():
+                hs.weight.copy_(ht.weight)
+                if hs.bias is not None:
+                    hs.bias.copy_(ht.bias)
         self._heads = (hs, ht)
 
     def forward(self, student, teacher, images, teacher_logits=None):
