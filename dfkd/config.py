@@ -99,6 +99,8 @@ class StudentConfig:
     source: str = "auto"
     kwargs: Dict[str, Any] = field(default_factory=dict)
     checkpoint: Optional[str] = None    # initialise from a local file
+    init: str = "scratch"               # scratch | teacher: a shallower network of the teacher's family starts
+                                        # from the teacher's weights (evenly spaced blocks; dfkd.models.from_teacher)
 
 
 @dataclass

@@ -335,6 +335,30 @@ def build_student(student_cfg: Mapping[str, Any], spec, mean=None, std=None,
     return student, build
 
 
+def student_init(student_cfg: Mapping[str, Any]) -> str:
+    init = str(_plain(student_cfg).get("init") or "scratch")
+    if init not in ("scratch", "teacher"):
+        raise DfkdError(f"student.init must be 'scratch' or 'teacher', got {init!r}")
+    return init
+
+
+def start_student(student_cfg: Mapping[str, Any], student: torch.nn.Module, teacher) -> Optional[dict]:
+    """``student.init``: ``scratch`` (as built) or ``teacher`` (copy the teacher's matching weights, evenly
+    spaced blocks where the student is shallower); returns what was copied (None: scratch)."""
+    if student_init(student_cfg) == "scratch":
+        return None
+    if teacher is None:
+        raise DfkdError("student.init=teacher needs the teacher's weights (this run has no teacher)")
+    from dfkd.models.from_teacher import describe, init_from_teacher
+
+    report = init_from_teacher(student, teacher.model)
+    from dfkd import dist as D
+
+    if D.is_main():
+        log.info(describe(report))
+    return {k: report[k] for k in ("copied_parameters", "student_parameters", "blocks")}
+
+
 def MODELS_REGISTRY():
     from dfkd.models import MODELS
 
@@ -474,6 +498,9 @@ def run_distill(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path) -> dic
     settings = DistillSettings(**_plain(cfg["distill"]))
     settings.validate()
     check_synthesizer_settings(cfg["synthesizer"])
+    if student_init(cfg["student"]) == "teacher" and stored_only:
+        raise DfkdError("student.init=teacher needs the teacher's weights; distill.teacher_logits=stored runs "
+                        "without the teacher (use live)")
     if not D.is_main():
         D.barrier()  # rank 0 trains (or finds) the cached teacher first
     if stored_only:
@@ -495,6 +522,7 @@ def run_distill(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path) -> dic
     # how the teacher was found (loaded, trained, or absent for a stored dataset)
     torch.manual_seed(seed)
     student, build = build_student(cfg["student"], spec, teacher_params=teacher_params)
+    init_report = start_student(cfg["student"], student, teacher)
     aug = build_augment(spec.input_size, **_plain(cfg["augment"]))
     teacher_eval = evaluate(teacher, data.test, device=device) if teacher is not None and data.test is not None \
         else {"top1": None}
@@ -528,6 +556,7 @@ def run_distill(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path) -> dic
         "ranks": result["ranks"],
         "run_dir": str(run_dir),
         "synthesizer": _plain(cfg["synthesizer"]).get("name"),
+        "student_init": init_report,
         "synth_images_per_second": result["synth_images_per_second"],
         "student_model": build["model"],
         "student_params": count_parameters(student.model),
