@@ -144,6 +144,10 @@ def _same_settings(old: dict, new: dict) -> bool:
     from generators.base import SYNTHESIZERS
 
     old, new = dict(old), dict(new)
+    # settings added to the code after a stored run, at the value that reproduces it
+    for group, key, default in (("student", "init", "scratch"),):
+        if key not in old.get(group, {}) and new.get(group, {}).get(key) == default:
+            new[group] = {k: v for k, v in new[group].items() if k != key}
     so, sn = dict(old.pop("synthesizer")), dict(new.pop("synthesizer"))
     if old != new or so.get("name") != sn.get("name"):
         return False
