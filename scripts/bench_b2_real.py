@@ -112,7 +112,8 @@ LEVERS = {
              "vit_patch_entropy", [*FAST]),
 }
 KINDS = {k: v[0] for k, v in {**ROWS, **LEVERS}.items()}
-STUDENTS = {"vit": "vit_cifar_tiny", "vit_small": "vit_cifar_small", "resnet20": "resnet20_cifar"}
+STUDENTS = {"vit": "vit_cifar_tiny", "vit_small": "vit_cifar_small", "vit_w64_d2": "vit_cifar_w64_d2",
+            "resnet20": "resnet20_cifar"}
 
 
 def redact_files(name: str, out: Path, cache: Path | None = None) -> None:
