@@ -87,6 +87,60 @@ def run_methods(methods: Sequence[str], common: Sequence[str], per_method: dict[
     return rows
 
 
+def parse_seeds_for(items: Sequence[str], known: Sequence[str], prog: str) -> dict[str, list[int]]:
+    """``--seeds-for ROW=S[,S...]`` items -> {row: seeds}; a malformed item or an unknown row exits with one
+    line naming the program."""
+    seeds_for: dict[str, list[int]] = {}
+    for item in items:
+        row, _, seeds = item.partition("=")
+        try:
+            seeds_for[row] = [int(x) for x in seeds.split(",")]
+        except ValueError:
+            sys.exit(f"{prog}: error: --seeds-for wants ROW=S[,S...], got {item!r}")
+        if row not in known:
+            sys.exit(f"{prog}: error: --seeds-for names {row!r}, which is not among the rows run")
+    return seeds_for
+
+
+def same_settings(old: dict, new: dict) -> bool:
+    """A stored run's config (``config.json``) equals the config a row would run now. A setting added to the
+    code after the stored run counts as equal when the row leaves it at the value that reproduces the old
+    behaviour (``student.init=scratch``; a synthesizer argument at its default)."""
+    import inspect
+
+    from generators.base import SYNTHESIZERS
+
+    old, new = dict(old), dict(new)
+    for group, key, default in (("student", "init", "scratch"),):
+        if key not in old.get(group, {}) and new.get(group, {}).get(key) == default:
+            new[group] = {k: v for k, v in new[group].items() if k != key}
+    so, sn = dict(old.pop("synthesizer", {})), dict(new.pop("synthesizer", {}))
+    if old != new or so.get("name") != sn.get("name"):
+        return False
+    if sn.get("name"):
+        params = inspect.signature(SYNTHESIZERS.get(sn["name"]).__init__).parameters
+        for k in set(sn) - set(so):
+            if k not in params or sn[k] != params[k].default:
+                return False
+    return all(so[k] == sn.get(k) for k in so)
+
+
+def stored_run(run_dir: Path, overrides: Sequence[str]) -> dict[str, Any] | None:
+    """The summary of a finished run in ``run_dir`` made with the config ``overrides`` compose to now, or None
+    (no finished run there, or one made with other settings). Lets a table be measured in more than one
+    sitting, or by two processes side by side, and assembled at the end."""
+    from dfkd.pipeline import _plain
+
+    f, cfg_file = Path(run_dir) / "summary.json", Path(run_dir) / "config.json"
+    if not (f.is_file() and cfg_file.is_file()):
+        return None
+    if not same_settings(json.loads(cfg_file.read_text()), _plain(compose("distill", overrides))):
+        return None
+    summary = json.loads(f.read_text())
+    summary.update(overrides=list(overrides), run_dir=str(run_dir), reused=True)
+    return summary
+
+
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for method in dict.fromkeys(r["method"] for r in rows):

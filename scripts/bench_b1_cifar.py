@@ -52,15 +52,9 @@ def main() -> None:
                                                   "longer-budget row beside the 10-minute table")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every method")
     args = ap.parse_args()
-    seeds_for = {}
-    for item in args.seeds_for:
-        method, _, seeds = item.partition("=")
-        try:
-            seeds_for[method] = [int(x) for x in seeds.split(",")]
-        except ValueError:
-            sys.exit(f"bench_b1_cifar: error: --seeds-for wants METHOD=S[,S...], got {item!r}")
-        if method not in args.methods:
-            sys.exit(f"bench_b1_cifar: error: --seeds-for names {method!r}, which is not in --methods")
+    from dfkd.bench import parse_seeds_for
+
+    seeds_for = parse_seeds_for(args.seeds_for, args.methods, "bench_b1_cifar")
     if not args.data_root or not Path(args.data_root).is_dir():
         sys.exit("bench_b1_cifar: error: set --data-root or DFKD_DATA to the folder with cifar10/ and teachers/")
 

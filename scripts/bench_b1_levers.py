@@ -136,28 +136,6 @@ DEFAULT_ROWS = ["adversarial_kl", "adversarial_bounded", "fast_meta_kl", "fast_m
 CPU = ["synthesizer.batch_size=64", "distill.batch_size=128", "distill.kd_steps=10", "distill.pool_size=20000"]
 
 
-def _same_settings(old: dict, new: dict) -> bool:
-    """A stored run's config equals the config a row would run now; a synthesizer setting added to the code
-    after the stored run counts as equal when the row leaves it at the synthesizer's default."""
-    import inspect
-
-    from generators.base import SYNTHESIZERS
-
-    old, new = dict(old), dict(new)
-    # settings added to the code after a stored run, at the value that reproduces it
-    for group, key, default in (("student", "init", "scratch"),):
-        if key not in old.get(group, {}) and new.get(group, {}).get(key) == default:
-            new[group] = {k: v for k, v in new[group].items() if k != key}
-    so, sn = dict(old.pop("synthesizer")), dict(new.pop("synthesizer"))
-    if old != new or so.get("name") != sn.get("name"):
-        return False
-    params = inspect.signature(SYNTHESIZERS.get(sn["name"]).__init__).parameters
-    for k in set(sn) - set(so):
-        if k not in params or sn[k] != params[k].default:
-            return False
-    return all(so[k] == sn.get(k) for k in so)
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, help=f"rows from: {', '.join(ROWS)}")
@@ -180,7 +158,7 @@ def main(argv=None) -> None:
     if bad:
         sys.exit(f"bench_b1_levers: error: unknown row(s) {bad}; known: {', '.join(ROWS)}")
 
-    from dfkd.bench import add_agreement, compose, prepare_teacher, run_methods, write_results
+    from dfkd.bench import add_agreement, prepare_teacher, run_methods, stored_run, write_results
 
     started = time.perf_counter()
     load_start = os.getloadavg()
@@ -196,18 +174,13 @@ def main(argv=None) -> None:
     if args.reuse:
         for r in args.rows:
             for seed in args.seeds:
-                f = out_dir / "runs" / f"{r}_seed{seed}" / "summary.json"
                 want = [f"synthesizer={ROWS[r][0]}", f"seed={seed}", "progress=false", "resume=false", *common,
                         *per_row[r]]
-                cfg_file = f.with_name("config.json")
-                if f.is_file() and cfg_file.is_file():
-                    from dfkd.pipeline import _plain
-
-                    if _same_settings(json.loads(cfg_file.read_text()), _plain(compose("distill", want))):
-                        summary = json.loads(f.read_text())
-                        summary.update(method=r, overrides=want, run_dir=str(f.parent), reused=True)
-                        reused[(r, seed)] = summary
-                        print(f"{r:>14} seed {seed}: reused {f.parent}", flush=True)
+                summary = stored_run(out_dir / "runs" / f"{r}_seed{seed}", want)
+                if summary is not None:
+                    summary["method"] = r
+                    reused[(r, seed)] = summary
+                    print(f"{r:>14} seed {seed}: reused {summary['run_dir']}", flush=True)
     todo = [r for r in args.rows if any((r, s) not in reused for s in args.seeds)]
     fresh = run_methods(todo, common, per_row, args.seeds, out_dir, options={r: ROWS[r][0] for r in todo})
     by_key = {(r["method"], r["seed"]): r for r in fresh}

@@ -163,6 +163,11 @@ def report(args, name: str, rows: list, teacher_top1: float, load0, started: flo
             agree.setdefault(r["method"], []).append(a)
     extra_info["requested_class_agreement"] = {k: round(sum(v) / len(v), 4) for k, v in agree.items()}
     extra_info["rounds"] = {k: [r["rounds"] for r in rows if r["method"] == k] for k in by}
+    reused = [Path(r["run_dir"]).name for r in rows if r.get("reused")]
+    if reused:
+        extra_info["reused_runs"] = reused
+        extra_info["note"] += (" Runs marked in reused_runs were measured in an earlier sitting or by a process "
+                               "running beside this one (--reuse); each run's own load average is in its summary.")
     _, m = write_results(name, f"B2-real — third-party CIFAR-10 ViT → {args.student}, CPU", args.out, rows,
                          teacher_top1, extra_info, started)
     text = Path(m).read_text()
@@ -180,6 +185,12 @@ def main() -> None:
                     choices=[*ROWS, *LEVERS])
     ap.add_argument("--name", default=None, help="results name (default b2_real_<student>)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--seeds-for", action="append", default=[], metavar="ROW=S[,S...]",
+                    help="a row's own seeds (repeatable), e.g. --seeds-for noise=0 beside --seeds 0 1 2")
+    ap.add_argument("--reuse", action="store_true",
+                    help="take a row's run from <out>/<name>/runs/<row>_seed<s>/ when a finished run with the same "
+                         "settings is there: a table measured in more than one sitting, or by two processes side "
+                         "by side (give each its --rows, then run once more with every row and --reuse)")
     ap.add_argument("--student", choices=list(STUDENTS), default="vit")
     ap.add_argument("--budget-minutes", type=float, default=1.5)
     ap.add_argument("--threads", type=int, default=1)
@@ -188,7 +199,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("results"))
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every row")
     args = ap.parse_args()
-    from dfkd.bench import ASHU_VIT
+    from dfkd.bench import ASHU_VIT, parse_seeds_for
+
+    seeds_for = parse_seeds_for(args.seeds_for, args.rows, "bench_b2_real")
 
     if not args.data_root or not (Path(args.data_root) / ASHU_VIT).is_file():
         raise SystemExit(f"error: needs --data-root or DFKD_DATA with {ASHU_VIT} and cifar10/")
@@ -199,7 +212,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from dfkd.bench import ashu_vit_teacher, compose, prepare_teacher
+    from dfkd.bench import ashu_vit_teacher, compose, prepare_teacher, stored_run
     from dfkd.errors import DfkdError
     from dfkd.pipeline import run_distill
 
@@ -230,10 +243,17 @@ def main() -> None:
             extra = [*df, "synthesizer.bn=0", *more]
         else:
             extra = [*df, f"synthesizer.prior='{prior}'", *more]
-        for seed in args.seeds:
+        for seed in seeds_for.get(label, args.seeds):
             overrides = [*base, f"seed={seed}", "progress=false", "resume=false", *extra, *args.overrides]
+            run_dir = args.out / name / "runs" / f"{label}_seed{seed}"
+            s = stored_run(run_dir, overrides) if args.reuse else None
+            if s is not None:
+                print(f"{label:>10} seed {seed}: reused {run_dir}", flush=True)
+                s.update(method=label, kind=kind, prior=prior)
+                rows.append(s)
+                continue
             try:
-                s = run_distill(compose("distill", overrides), args.out / name / "runs" / f"{label}_seed{seed}")
+                s = run_distill(compose("distill", overrides), run_dir)
             except (DfkdError, Exception) as e:  # one failing row must not lose the others
                 print(f"{label:>10} seed {seed}: error: {type(e).__name__}: {e}", flush=True)
                 continue
