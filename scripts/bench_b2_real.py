@@ -108,6 +108,14 @@ LEVERS = {
     "s2f": ("lever: s2 + 10 iterations, batches of 64, 60 KD steps", "vit_patch_entropy", [*SPEC, *FAST]),
     "s2f_mix": ("lever: s2f + mixup/CutMix", "vit_patch_entropy", [*SPEC, *FAST, "distill.mix=both"]),
     "s2f_none": ("lever: s2f without a prior", "none", [*SPEC, *FAST]),
+    # the procedural row's levers: class-balanced most-confident picks from 4x candidates, no mixing of the
+    # student inputs (mixup/CutMix is the default), KD steps per batch
+    "p_os4": ("lever: procedural, class-balanced pick of 4x candidates", None,
+              ["synthesizer=procedural", "distill.kd_steps=10", "synthesizer.oversample=4"]),
+    "p_nomix": ("lever: procedural, no mixup/CutMix", None,
+                ["synthesizer=procedural", "distill.kd_steps=10", "distill.mix=none"]),
+    "p_kd20": ("lever: procedural, 20 KD steps per batch", None, ["synthesizer=procedural", "distill.kd_steps=20"]),
+    "p_kd5": ("lever: procedural, 5 KD steps per batch", None, ["synthesizer=procedural", "distill.kd_steps=5"]),
     "pixf": ("lever: pixel parametrisation (lr 0.1, no crop) + 10 iterations, batches of 64, 60 KD steps",
              "vit_patch_entropy", [*FAST]),
 }

@@ -38,6 +38,10 @@ ROWS = {
     "bootstrap": (f"{FREE} (bootstrapped token statistics)", ["{df}", "synthesizer.prior=vit_bootstrap"]),
     "bootstrap_crop": (f"{FREE} (bootstrapped token statistics, random resized crops)",
                        ["{df}", "synthesizer.prior=vit_bootstrap", "++synthesizer.crop_scale=0.5"]),
+    # a hand-written image prior: dead-leaves images labelled by the teacher, as they are or as inversion's start
+    "procedural": (f"{FREE} (procedural dead-leaves images, no optimisation)", ["synthesizer=procedural"]),
+    "entropy_dl": (f"{FREE} (PSAQ-ViT entropy, started from dead-leaves images)",
+                   ["{df}", "synthesizer.prior=vit_patch_entropy", "synthesizer.init=dead_leaves"]),
     "vit": (RECORDED, ["{df}", "synthesizer.prior=vit"]),
     "real": ("ceiling (uses real train images)", ["synthesizer=real"]),
     # ablation: priors (same synthesizer settings, another prior)
@@ -53,6 +57,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--seeds-for", action="append", default=[], metavar="ROW=S[,S...]",
+                    help="a row's own seeds (repeatable), e.g. --seeds-for noise=0 beside --seeds 0 1 2")
     ap.add_argument("--budget-minutes", type=float, default=None,
                     help="wall-clock budget per row (default: 1.5 on digits, 10 on CIFAR-10)")
     ap.add_argument("--threads", type=int, default=2)
@@ -65,10 +71,11 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("DFKD_CACHE", str(Path(tempfile.gettempdir()) / "dfkd_bench_cache"))
 
-    from dfkd.bench import compose, prepare_teacher, write_results
+    from dfkd.bench import compose, parse_seeds_for, prepare_teacher, write_results
     from dfkd.errors import DfkdError
     from dfkd.pipeline import run_distill
 
+    seeds_for = parse_seeds_for(args.seeds_for, args.rows, "bench_b2_vit")
     started = time.perf_counter()
     if args.cifar10:
         if not args.teacher_checkpoint:
@@ -97,7 +104,7 @@ def main() -> None:
     for label in args.rows:
         kind, extra = ROWS[label]
         extra = [x for o in extra for x in (df if o == "{df}" else [o.replace("{deit}", deit)])]
-        for seed in args.seeds:
+        for seed in seeds_for.get(label, args.seeds):
             # the command line's overrides come last: they apply to every row and win
             overrides = [*base, f"seed={seed}", "progress=false", "resume=false", *extra, *args.overrides]
             try:
