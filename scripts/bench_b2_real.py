@@ -14,6 +14,8 @@ No row uses statistics recorded on real data (the teacher has none). Students ar
 random subset of the test set (``--test-limit``). Writes results/b2_real_<student>.{json,md}.
 
     DFKD_DATA=../shared/data python scripts/bench_b2_real.py --budget-minutes 1.5 --threads 1
+
+Hydra overrides go last, after an option that is not --rows (``--rows`` takes every word after it).
 """
 
 from __future__ import annotations
