@@ -21,8 +21,13 @@ their softmax class distributions per location, weighted by the teacher's top cl
 there (so it acts on the teacher's objects, not on background). Both heads must have the same
 geometry (same strides and locations); the student's BatchNorm runs in eval mode for this.
 
+``init="dead_leaves"`` starts the batch from procedural dead-leaves images
+(:func:`generators.procedural.dead_leaves`) instead of grey-centred Gaussian noise.
+
 ``box_noise`` is the noise floor: Gaussian images with the teacher's detections as targets.
-Both return ``SyntheticBatch(images, targets=[{"boxes", "labels"}...], stats)``.
+``box_procedural`` is the optimisation-free data-free source: dead-leaves images (occluding shapes
+with natural-image size statistics, no teacher step) with the teacher's detections as targets.
+Each returns ``SyntheticBatch(images, targets=[{"boxes", "labels"}...], stats)``.
 """
 
 from __future__ import annotations
@@ -103,8 +108,13 @@ class BoxInversion(Synthesizer):
         scale: float = 0.0,
         init_std: float = 0.2,
         adi: float = 0.0,
+        init: str = "noise",
     ):
         _check_detection_teacher(teacher, "box_inversion")
+        if init not in ("noise", "dead_leaves"):
+            from dfkd.errors import DfkdError
+
+            raise DfkdError(f"box_inversion init must be noise or dead_leaves, got {init!r}")
         super().__init__(teacher, batch_size, seed, device)
         self.iterations = int(iterations)
         self.lr = float(lr)
@@ -117,6 +127,7 @@ class BoxInversion(Synthesizer):
         self.overlap_iou = float(overlap_iou)
         self.augment = BoxAugment(self.input_size[1:], flip=flip, jitter=jitter, scale=scale) if augment else None
         self.init_std = float(init_std)
+        self.init = init
         self.w_adi = float(adi)
         self.uses_student = self.w_adi > 0
         if self.w_bn > 0:  # fail now (one line), not mid-run, when the teacher has no BatchNorm
@@ -130,7 +141,12 @@ class BoxInversion(Synthesizer):
 
     def step(self, student: nn.Module | None = None) -> SyntheticBatch:
         targets = self.sample_targets()
-        x = (0.5 + self.init_std * self.randn(self.batch_size, *self.input_size)).clamp_(0, 1)
+        if self.init == "dead_leaves":
+            from generators.procedural import procedural_images
+
+            x = procedural_images("dead_leaves", self.batch_size, self.input_size, self.rng, self.device)
+        else:
+            x = (0.5 + self.init_std * self.randn(self.batch_size, *self.input_size)).clamp_(0, 1)
         x.requires_grad_(True)
         opt = torch.optim.Adam([x], lr=self.lr, betas=(0.5, 0.99))
         ctx = (self.teacher.statistics("batchnorm", first_weight=self.first_bn_multiplier)
@@ -217,6 +233,36 @@ class BoxNoise(Synthesizer):
 
     def step(self, student: nn.Module | None = None) -> SyntheticBatch:
         x = (self.mean + self.std * self.randn(self.batch_size, *self.input_size)).clamp_(0, 1)
+        targets = [{"boxes": t["boxes"], "labels": t["labels"]}
+                   for t in _teacher_targets(self.teacher, x, self.score_thresh)]
+        n = sum(len(t["boxes"]) for t in targets)
+        return SyntheticBatch(images=x, targets=targets, stats={"syn/boxes_per_image": n / max(1, len(x))})
+
+
+@SYNTHESIZERS.register("box_procedural")
+class BoxProcedural(Synthesizer):
+    """Data-free and optimisation-free: procedural dead-leaves images at the teacher's input size
+    (:func:`generators.procedural.dead_leaves`); targets are the teacher's detections with score ≥
+    ``score_thresh``. The student learns the teacher's outputs on them through head matching and class KD;
+    an image costs one teacher forward pass."""
+
+    task = "detection"
+
+    def __init__(self, teacher, batch_size: int = 32, seed: int = 0, device="cpu", score_thresh: float = 0.3,
+                 shapes: int = 48, r_min: float = 0.03, r_max: float = 0.6, noise: float = 0.02):
+        _check_detection_teacher(teacher, "box_procedural")
+        if not 0 < r_min < r_max:
+            from dfkd.errors import DfkdError
+
+            raise DfkdError(f"box_procedural radii need 0 < r_min < r_max, got {r_min!r}, {r_max!r}")
+        super().__init__(teacher, batch_size, seed, device)
+        self.score_thresh = float(score_thresh)
+        self.kwargs = {"shapes": int(shapes), "r_min": float(r_min), "r_max": float(r_max), "noise": float(noise)}
+
+    def step(self, student: nn.Module | None = None) -> SyntheticBatch:
+        from generators.procedural import procedural_images
+
+        x = procedural_images("dead_leaves", self.batch_size, self.input_size, self.rng, self.device, **self.kwargs)
         targets = [{"boxes": t["boxes"], "labels": t["labels"]}
                    for t in _teacher_targets(self.teacher, x, self.score_thresh)]
         n = sum(len(t["boxes"]) for t in targets)

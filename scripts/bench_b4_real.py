@@ -10,6 +10,9 @@ Rows, the same student (the teacher's architecture at ``--width-multiple``, from
 * ``box_noise`` — Gaussian images, the teacher's detections as targets (the floor, not data-free);
 * ``box_inversion`` — DIODE-style box-conditioned inversion against the teacher's loss and its
   BatchNorm statistics (data-free);
+* ``box_procedural`` — procedural dead-leaves images, the teacher's detections as targets (data-free,
+  no optimisation: one teacher forward pass per image);
+* ``box_dl_inversion`` — ``box_inversion`` started from dead-leaves images instead of noise (data-free);
 * ``box_real`` — the coco128 images themselves, letterboxed, ground truth ignored, the teacher's
   pseudo-boxes as targets (the real-image KD ceiling; the images it trains on are the evaluation
   images, so it is an optimistic ceiling).
@@ -33,8 +36,11 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-ROWS = ["box_noise", "box_inversion", "box_real"]
+ROWS = ["box_noise", "box_inversion", "box_procedural", "box_dl_inversion", "box_real"]
+DEFAULT_ROWS = ["box_noise", "box_inversion", "box_procedural", "box_real"]
 KIND = {"box_noise": "floor (not data-free)", "box_inversion": "data-free",
+        "box_procedural": "data-free (dead-leaves images, no optimisation)",
+        "box_dl_inversion": "data-free (inversion from dead-leaves images)",
         "box_real": "ceiling (the evaluation images, teacher pseudo-boxes)"}
 
 
@@ -44,7 +50,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     a = ap.add_argument
     a("--weights", default=str(Path(data) / "teachers/yolov5n/yolov5n.pt") if data else None)
     a("--data", default=str(Path(data) / "detection/coco128") if data else None)
-    a("--rows", nargs="+", choices=ROWS, default=ROWS)
+    a("--rows", nargs="+", choices=ROWS, default=DEFAULT_ROWS)
     a("--image-size", type=int, default=256)
     a("--budget-minutes", type=float, default=3.5, help="wall-clock budget of each row's distillation")
     a("--seed", type=int, default=0)
@@ -100,10 +106,11 @@ def overrides(args: argparse.Namespace, row: str, score_teacher: bool) -> list[s
         common.append("detection.freeze_bn=true")
     if args.feature_kd:
         common.append(f"detection.feature_kd={args.feature_kd}")
-    if row == "box_inversion":
+    if row in ("box_inversion", "box_dl_inversion"):
+        init = ["synthesizer.init=dead_leaves"] if row == "box_dl_inversion" else []
         return [*common, "synthesizer=box_inversion", f"synthesizer.batch_size={args.inv_batch}",
-                f"synthesizer.iterations={args.inv_iterations}", f"detection.kd_steps={args.inv_kd_steps}"]
-    extra = [f"synthesizer.score_thresh={args.score_thresh}"] if row == "box_noise" else \
+                f"synthesizer.iterations={args.inv_iterations}", f"detection.kd_steps={args.inv_kd_steps}", *init]
+    extra = [f"synthesizer.score_thresh={args.score_thresh}"] if row in ("box_noise", "box_procedural") else \
         [f"detection.train_path={args.data}"]
     return [*common, f"synthesizer={row}", f"synthesizer.batch_size={args.source_batch}",
             f"detection.kd_steps={args.kd_steps}", *extra]

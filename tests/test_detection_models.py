@@ -322,7 +322,7 @@ def test_box_inversion_adi_pushes_towards_disagreement(trained):
 
 
 # -- distillation --------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["box_inversion", "box_noise", "real"])
+@pytest.mark.parametrize("kind", ["box_inversion", "box_noise", "box_procedural", "real"])
 def test_distill_detector_each_source(kind, trained, rects):
     from generators import build_synthesizer
 
@@ -403,6 +403,35 @@ def test_distill_respects_budget(trained, rects, monkeypatch):
 def test_box_synthesizers_need_a_detection_teacher(bn_teacher):
     from generators import build_synthesizer
 
-    for name in ("box_inversion", "box_noise"):
+    for name in ("box_inversion", "box_noise", "box_procedural"):
         with pytest.raises(DfkdError, match="needs a detection teacher"):
             build_synthesizer(name, teacher=bn_teacher)
+
+
+def test_box_procedural_images_and_dead_leaves_inversion_start(trained):
+    """box_procedural: seeded dead-leaves images at the teacher's size in [0, 1] (piecewise-flat, unlike
+    noise), targets that are the teacher's own detections; box_inversion init=dead_leaves starts from such
+    images (with 0 iterations it returns them), and a bad init is one line."""
+    from generators import build_synthesizer
+
+    teacher = DetectionTeacher(trained)
+    a = build_synthesizer("box_procedural", teacher=teacher, batch_size=3, seed=5, score_thresh=0.0)
+    b = build_synthesizer("box_procedural", teacher=teacher, batch_size=3, seed=5, score_thresh=0.0)
+    ba, bb = a.step(), b.step()
+    assert torch.equal(ba.images, bb.images) and ba.images.shape == (3, *teacher.input_size)
+    assert 0.0 <= float(ba.images.min()) and float(ba.images.max()) <= 1.0
+    # neighbouring pixels mostly share a shape: far smaller differences than Gaussian noise has
+    flat = (ba.images[..., 1:] - ba.images[..., :-1]).abs().mean()
+    noise = build_synthesizer("box_noise", teacher=teacher, batch_size=3, seed=5).step().images
+    assert flat < 0.5 * (noise[..., 1:] - noise[..., :-1]).abs().mean()
+    dets = teacher.detect(ba.images, score_thresh=0.0)
+    for t, d in zip(ba.targets, dets):
+        assert torch.equal(t["labels"], d["labels"]) and torch.allclose(t["boxes"], d["boxes"])
+    assert ba.stats["syn/boxes_per_image"] == sum(len(t["boxes"]) for t in ba.targets) / 3
+    inv = build_synthesizer("box_inversion", teacher=teacher, batch_size=3, seed=5, iterations=0, init="dead_leaves")
+    x = inv.step().images
+    assert (x[..., 1:] - x[..., :-1]).abs().mean() < 0.5 * (noise[..., 1:] - noise[..., :-1]).abs().mean()
+    with pytest.raises(DfkdError, match="init must be noise or dead_leaves"):
+        build_synthesizer("box_inversion", teacher=teacher, init="zeros")
+    with pytest.raises(DfkdError, match="r_min < r_max"):
+        build_synthesizer("box_procedural", teacher=teacher, r_min=0.5, r_max=0.1)

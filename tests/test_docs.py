@@ -81,6 +81,27 @@ def test_b4_results_tables_render_from_their_json():
     assert checked >= 1
 
 
+def test_b4_real_summary_names_the_best_data_free_row():
+    """With more than one data-free row, the summary line quotes the best of them by name, and a floor
+    or ceiling row never counts as data-free."""
+    import copy
+    import json
+
+    from dfkd.detection.bench import b4_real_markdown
+
+    result = json.loads((ROOT / "results" / "b4_real_cpu_slim_w0.22.json").read_text())
+    one = "\n".join(b4_real_markdown(result))
+    assert "Data-free mAP@.5 is 0.05 of the ceiling's (0.0049 vs 0.1080)" in one
+    more = copy.deepcopy(result)
+    extra = dict(copy.deepcopy(more["rows"][1]), method="box_procedural", kind="data-free (dead-leaves images)",
+                 map50=0.02, ratio_to_ceiling_map50=0.02 / 0.10802067630275028)
+    more["rows"].insert(2, extra)
+    more["rows"][0]["kind"] = "floor (not data-free)"
+    more["rows"][0]["map50"] = 0.5  # a strong floor must not be quoted as data-free
+    text = "\n".join(b4_real_markdown(more))
+    assert "The best data-free mAP@.5 (box_procedural) is 0.19 of the ceiling's (0.0200 vs 0.1080)" in text
+
+
 def test_no_results_file_or_readme_names_a_folder_of_the_machine_that_wrote_it():
     """Results files and the README name folders by their option or placeholder ($DFKD_DATA, $WORK, $OUT,
     ~), never by an absolute path of the machine a benchmark ran on."""

@@ -383,9 +383,9 @@ def test_bench_b4_real_writes_its_results_without_machine_paths(files, tmp_path)
                      "--memory-size", "4", "--work", str(tmp_path / "work"), "--out", str(out), "--name", "b4"])
     assert rc == 0
     result = json.loads((out / "b4.json").read_text())
-    assert [r["method"] for r in result["rows"]] == ["box_noise", "box_inversion", "box_real"]
+    assert [r["method"] for r in result["rows"]] == ["box_noise", "box_inversion", "box_procedural", "box_real"]
     assert all(r["steps"] >= 1 and 0.0 <= r["map50"] <= 1.0 for r in result["rows"])
     assert result["command"].startswith("python scripts/bench_b4_real.py") and "--work" not in result["command"]
     text = (out / "b4.md").read_text()
-    assert "| box_inversion | data-free |" in text
+    assert "| box_inversion | data-free |" in text and "| box_procedural | data-free (dead-leaves" in text
     assert str(tmp_path / "work") not in json.dumps(result) + text
