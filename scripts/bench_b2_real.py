@@ -118,6 +118,13 @@ LEVERS = {
                 ["synthesizer=procedural", "distill.kd_steps=10", "distill.mix=none"]),
     "p_kd20": ("lever: procedural, 20 KD steps per batch", None, ["synthesizer=procedural", "distill.kd_steps=20"]),
     "p_kd5": ("lever: procedural, 5 KD steps per batch", None, ["synthesizer=procedural", "distill.kd_steps=5"]),
+    # richer procedural families and natural colour saturation
+    "p_tex": ("lever: procedural, textured dead leaves (flat, striped or mottled shapes)", None,
+              ["synthesizer=procedural", "distill.kd_steps=10", "synthesizer.pattern=textured_leaves"]),
+    "p_mixed": ("lever: procedural, mixed families (dead leaves, textured, 1/f colour noise)", None,
+                ["synthesizer=procedural", "distill.kd_steps=10", "synthesizer.pattern=mixed"]),
+    "p_sat": ("lever: procedural, colour saturation 0.5", None,
+              ["synthesizer=procedural", "distill.kd_steps=10", "synthesizer.saturation=0.5"]),
     "pixf": ("lever: pixel parametrisation (lr 0.1, no crop) + 10 iterations, batches of 64, 60 KD steps",
              "vit_patch_entropy", [*FAST]),
 }

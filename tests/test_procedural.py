@@ -6,7 +6,7 @@ import torch
 from dfkd.errors import DfkdError
 from dfkd.teacher import Teacher
 from generators import build_synthesizer
-from generators.procedural import dead_leaves
+from generators.procedural import dead_leaves, mixed, spectral, textured_leaves
 
 
 def test_dead_leaves_are_seeded_images_of_occluding_flat_shapes():
@@ -32,6 +32,40 @@ def test_dead_leaves_shape_sizes_follow_the_radius_range():
     assert edges[1] > 3 * edges[0]
 
 
+def test_textured_leaves_add_stripes_and_mottling_inside_the_shapes():
+    """Flat shapes change colour only at edges; striped and mottled ones change inside too, so textured
+    images have more small-but-nonzero neighbour differences than plain dead leaves from the same seed."""
+    plain = dead_leaves(32, 3, (32, 32), torch.Generator().manual_seed(0), noise=0.0)
+    tex = textured_leaves(32, 3, (32, 32), torch.Generator().manual_seed(0), noise=0.0)
+    assert tex.shape == plain.shape and 0 <= tex.min() and tex.max() <= 1
+
+    def ripple(x):  # neighbour differences too small for an edge, too large for the gentle shading
+        d = (x[..., 1:] - x[..., :-1]).abs()
+        return float(((d > 0.02) & (d < 0.2)).float().mean())
+    assert ripple(tex) > 2 * ripple(plain)
+
+
+def test_spectral_images_follow_a_falling_spectrum_and_mixed_draws_every_family():
+    g = torch.Generator().manual_seed(0)
+    x = spectral(64, 3, (32, 32), g)
+    assert x.shape == (64, 3, 32, 32) and 0 <= x.min() and x.max() <= 1
+    power = torch.fft.rfft2(x - x.mean((2, 3), keepdim=True)).abs().pow(2).mean((0, 1))
+    assert power[1:4, 1:4].mean() > 20 * power[12:16, 12:16].mean()  # low frequencies dominate
+    m = mixed(60, 3, (32, 32), torch.Generator().manual_seed(1), noise=0.0)
+    d2 = m[..., 2:] - 2 * m[..., 1:-1] + m[..., :-2]
+    smooth = (d2.abs() < 1e-5).float().mean((1, 2, 3))
+    # dead-leaves shapes (noise 0) are linear ramps, second differences 0; spectral noise has none such
+    assert (smooth > 0.3).any() and (smooth < 0.01).any()
+
+
+def test_procedural_saturation_pulls_colours_to_grey(bn_teacher):
+    full = build_synthesizer("procedural", bn_teacher, batch_size=8, seed=0).step().images
+    grey = build_synthesizer("procedural", bn_teacher, batch_size=8, seed=0, saturation=0.0).step().images
+    half = build_synthesizer("procedural", bn_teacher, batch_size=8, seed=0, saturation=0.5).step().images
+    spread = [float((x - x.mean(1, keepdim=True)).abs().mean()) for x in (full, half, grey)]
+    assert spread[2] < 1e-6 and abs(spread[1] - spread[0] / 2) < 1e-4
+
+
 def _colour_teacher():
     """A teacher whose class is which channel is brightest, with a rarely predicted 4th class for bright images."""
     class Net(torch.nn.Module):
@@ -54,7 +88,7 @@ def test_oversampling_balances_the_classes_the_teacher_sees():
 
 
 def test_procedural_rejects_bad_settings(bn_teacher):
-    for kw in (dict(pattern="fractal"), dict(oversample=0), dict(r_min=0.5, r_max=0.1)):
+    for kw in (dict(pattern="fractal"), dict(oversample=0), dict(r_min=0.5, r_max=0.1), dict(saturation=1.5)):
         with pytest.raises(DfkdError):
             build_synthesizer("procedural", bn_teacher, **kw)
 
