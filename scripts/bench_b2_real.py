@@ -125,6 +125,11 @@ LEVERS = {
                 ["synthesizer=procedural", "distill.kd_steps=10", "synthesizer.pattern=mixed"]),
     "p_sat": ("lever: procedural, colour saturation 0.5", None,
               ["synthesizer=procedural", "distill.kd_steps=10", "synthesizer.saturation=0.5"]),
+    "p_sat03": ("lever: procedural, colour saturation 0.3", None,
+                ["synthesizer=procedural", "distill.kd_steps=10", "synthesizer.saturation=0.3"]),
+    "p_mixsat": ("lever: procedural, mixed families, colour saturation 0.5", None,
+                 ["synthesizer=procedural", "distill.kd_steps=10", "synthesizer.pattern=mixed",
+                  "synthesizer.saturation=0.5"]),
     "pixf": ("lever: pixel parametrisation (lr 0.1, no crop) + 10 iterations, batches of 64, 60 KD steps",
              "vit_patch_entropy", [*FAST]),
 }
