@@ -57,6 +57,8 @@ ADV = ["synthesizer.adv_loss=js", "synthesizer.adv_mask=true", "synthesizer.adv_
        "synthesizer.view=roll", "synthesizer.jitter=1", "synthesizer.label_embedding=true",
        "synthesizer.div=0.0", "loss.temperature=4.0", "distill.mix=both"]
 DI = ["synthesizer.iterations=50", "synthesizer.init=noise", "synthesizer.space=normalized"]
+# the procedural colour setting these rows were measured with (the shipped default moved to 0.5 later)
+PROC1 = ["synthesizer.saturation=1.0"]
 LEVERS: dict[str, tuple[str, list[str], str]] = {  # row → (synthesizer option, base + lever, the lever in words)
     "fm": ("fast_meta", FM, "base: fast_meta, bounded adversarial term, bn 1, g_steps 4, ngf 64, 10 KD steps per batch"),
     "fm_kd30": ("fast_meta", FM + ["distill.kd_steps=30"], "30 KD steps per synthesized batch (not 10)"),
@@ -93,11 +95,11 @@ LEVERS: dict[str, tuple[str, list[str], str]] = {  # row → (synthesizer option
     "di_dl_it20_kd30": ("deepinversion_cifar", DI + ["synthesizer.init=dead_leaves", "synthesizer.iterations=20",
                                                      "distill.kd_steps=30"],
                         "three levers: di_dl_it20 and 30 KD steps per synthesized batch (not 10)"),
-    "proc": ("procedural", ["synthesizer.oversample=1"],
+    "proc": ("procedural", [*PROC1, "synthesizer.oversample=1"],
              "procedural dead-leaves images labelled by the teacher: no optimisation, no generator"),
-    "proc_os4": ("procedural", ["synthesizer.oversample=4"],
+    "proc_os4": ("procedural", [*PROC1, "synthesizer.oversample=4"],
                  "procedural, 4x candidates, the class-balanced most confident quarter kept"),
-    "proc_feat": ("procedural", ["synthesizer.oversample=1", "loss=penultimate"],
+    "proc_feat": ("procedural", [*PROC1, "synthesizer.oversample=1", "loss=penultimate"],
                   "procedural (proc) with the penultimate-feature loss: the student also regresses the teacher's "
                   "classifier input"),
     "di_feat": ("deepinversion_cifar", DI + ["loss=penultimate"], "DeepInversion (di) with the penultimate-feature loss"),

@@ -50,7 +50,11 @@ ROWS = {
                        "vit_bootstrap", ["{SPEC}", "synthesizer.iterations=10", "distill.kd_steps=30"]),
     # a hand-written image prior: dead-leaves images, labelled by the teacher as they are or as inversion's start
     "procedural": ("data-free: teacher only (procedural dead-leaves images, no optimisation)", None,
-                   ["synthesizer=procedural", "distill.kd_steps=10"]),
+                   ["{PROC}", "distill.kd_steps=10"]),
+    # the shipped procedural default since: dead leaves with colours pulled halfway to grey
+    "procedural_sat": ("data-free: teacher only (procedural dead-leaves images, colour saturation 0.5, no optimisation)",
+                       None, ["synthesizer=procedural", "synthesizer.pattern=dead_leaves", "synthesizer.saturation=0.5",
+                              "distill.kd_steps=10"]),
     "dl_entropy": ("data-free: teacher only (PSAQ-ViT entropy, started from dead-leaves images)", "vit_patch_entropy",
                    ["{PIXEL}", "synthesizer.init=dead_leaves", "synthesizer.saturation=1.0", "synthesizer.iterations=10",
                     "distill.kd_steps=30"]),
@@ -61,7 +65,9 @@ SPEC = ["synthesizer.spectrum_decay=2.0", "synthesizer.saturation=0.4", "synthes
 # the pixel parametrisation B2-real started from (PSAQ-ViT-like: optimise pixels, 20 Adam steps at lr 0.1)
 PIXEL = ["synthesizer.batch_size=128", "synthesizer.iterations=20", "synthesizer.lr=0.1", "synthesizer.spectrum_decay=0",
          "synthesizer.saturation=1.0", "synthesizer.crop_scale=1.0", "synthesizer.downsample=1"]
-_LISTS = {"{SPEC}": SPEC, "{PIXEL}": PIXEL}
+# the procedural settings every procedural row was measured with (the shipped defaults may move on)
+PROC = ["synthesizer=procedural", "synthesizer.pattern=dead_leaves", "synthesizer.saturation=1.0"]
+_LISTS = {"{SPEC}": SPEC, "{PIXEL}": PIXEL, "{PROC}": PROC}
 ROWS = {k: (kind, prior, [x for o in more for x in _LISTS.get(o, [o])]) for k, (kind, prior, more) in ROWS.items()}
 FAST = ["synthesizer.iterations=10", "synthesizer.batch_size=64", "distill.kd_steps=60"]
 # levers on the inversion settings (each one a row, the prior of the 'entropy' row unless named):
@@ -113,26 +119,29 @@ LEVERS = {
     # the procedural row's levers: class-balanced most-confident picks from 4x candidates, no mixing of the
     # student inputs (mixup/CutMix is the default), KD steps per batch
     "p_os4": ("lever: procedural, class-balanced pick of 4x candidates", None,
-              ["synthesizer=procedural", "distill.kd_steps=10", "synthesizer.oversample=4"]),
+              ["{PROC}", "distill.kd_steps=10", "synthesizer.oversample=4"]),
     "p_nomix": ("lever: procedural, no mixup/CutMix", None,
-                ["synthesizer=procedural", "distill.kd_steps=10", "distill.mix=none"]),
-    "p_kd20": ("lever: procedural, 20 KD steps per batch", None, ["synthesizer=procedural", "distill.kd_steps=20"]),
-    "p_kd5": ("lever: procedural, 5 KD steps per batch", None, ["synthesizer=procedural", "distill.kd_steps=5"]),
+                ["{PROC}", "distill.kd_steps=10", "distill.mix=none"]),
+    "p_kd20": ("lever: procedural, 20 KD steps per batch", None, ["{PROC}", "distill.kd_steps=20"]),
+    "p_kd5": ("lever: procedural, 5 KD steps per batch", None, ["{PROC}", "distill.kd_steps=5"]),
     # richer procedural families and natural colour saturation
     "p_tex": ("lever: procedural, textured dead leaves (flat, striped or mottled shapes)", None,
-              ["synthesizer=procedural", "distill.kd_steps=10", "synthesizer.pattern=textured_leaves"]),
+              ["{PROC}", "distill.kd_steps=10", "synthesizer.pattern=textured_leaves"]),
     "p_mixed": ("lever: procedural, mixed families (dead leaves, textured, 1/f colour noise)", None,
-                ["synthesizer=procedural", "distill.kd_steps=10", "synthesizer.pattern=mixed"]),
+                ["{PROC}", "distill.kd_steps=10", "synthesizer.pattern=mixed"]),
     "p_sat": ("lever: procedural, colour saturation 0.5", None,
-              ["synthesizer=procedural", "distill.kd_steps=10", "synthesizer.saturation=0.5"]),
+              ["{PROC}", "distill.kd_steps=10", "synthesizer.saturation=0.5"]),
     "p_sat03": ("lever: procedural, colour saturation 0.3", None,
-                ["synthesizer=procedural", "distill.kd_steps=10", "synthesizer.saturation=0.3"]),
+                ["{PROC}", "distill.kd_steps=10", "synthesizer.saturation=0.3"]),
+    "p_mixsat03": ("lever: procedural, mixed families, colour saturation 0.3", None,
+                   ["{PROC}", "distill.kd_steps=10", "synthesizer.pattern=mixed", "synthesizer.saturation=0.3"]),
     "p_mixsat": ("lever: procedural, mixed families, colour saturation 0.5", None,
-                 ["synthesizer=procedural", "distill.kd_steps=10", "synthesizer.pattern=mixed",
+                 ["{PROC}", "distill.kd_steps=10", "synthesizer.pattern=mixed",
                   "synthesizer.saturation=0.5"]),
     "pixf": ("lever: pixel parametrisation (lr 0.1, no crop) + 10 iterations, batches of 64, 60 KD steps",
              "vit_patch_entropy", [*FAST]),
 }
+LEVERS = {k: (kind, prior, [x for o in more for x in _LISTS.get(o, [o])]) for k, (kind, prior, more) in LEVERS.items()}
 KINDS = {k: v[0] for k, v in {**ROWS, **LEVERS}.items()}
 STUDENTS = {"vit": "vit_cifar_tiny", "vit_small": "vit_cifar_small", "vit_w64_d2": "vit_cifar_w64_d2",
             "resnet20": "resnet20_cifar"}

@@ -39,7 +39,7 @@ ROWS = {
     "bootstrap_crop": (f"{FREE} (bootstrapped token statistics, random resized crops)",
                        ["{df}", "synthesizer.prior=vit_bootstrap", "++synthesizer.crop_scale=0.5"]),
     # a hand-written image prior: dead-leaves images labelled by the teacher, as they are or as inversion's start
-    "procedural": (f"{FREE} (procedural dead-leaves images, no optimisation)", ["synthesizer=procedural"]),
+    "procedural": (f"{FREE} (procedural dead-leaves images, no optimisation)", ["synthesizer=procedural", "synthesizer.saturation=1.0"]),
     "entropy_dl": (f"{FREE} (PSAQ-ViT entropy, started from dead-leaves images)",
                    ["{df}", "synthesizer.prior=vit_patch_entropy", "synthesizer.init=dead_leaves"]),
     "vit": (RECORDED, ["{df}", "synthesizer.prior=vit"]),

@@ -74,6 +74,21 @@ def test_a_stored_run_from_before_a_new_setting_still_counts(tmp_path):
     assert bench.stored_run(tmp_path / "a", [*want, "student.init=teacher"]) is None
 
 
+def test_a_stored_run_from_before_a_changed_default_counts_only_at_the_old_value(tmp_path):
+    """procedural.saturation arrived after runs were stored, and its default later moved from 1.0: a stored
+    run without the key reproduces saturation 1.0, not the new default."""
+    import json
+
+    want = ["data=digits", "synthesizer=procedural", "synthesizer.saturation=1.0"]
+    _store(tmp_path / "a", want)
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    del cfg["synthesizer"]["saturation"]  # written before the setting existed
+    (tmp_path / "a" / "config.json").write_text(json.dumps(cfg))
+    assert bench.stored_run(tmp_path / "a", want) is not None
+    assert bench.stored_run(tmp_path / "a", ["data=digits", "synthesizer=procedural",
+                                              "synthesizer.saturation=0.5"]) is None
+
+
 def test_seeds_for_rejects_bad_items():
     assert bench.parse_seeds_for(["noise=0", "real=1,2"], ["noise", "real"], "b") == {"noise": [0], "real": [1, 2]}
     with pytest.raises(SystemExit, match="b: error: --seeds-for wants"):

@@ -59,11 +59,13 @@ def test_spectral_images_follow_a_falling_spectrum_and_mixed_draws_every_family(
 
 
 def test_procedural_saturation_pulls_colours_to_grey(bn_teacher):
-    full = build_synthesizer("procedural", bn_teacher, batch_size=8, seed=0).step().images
+    full = build_synthesizer("procedural", bn_teacher, batch_size=8, seed=0, saturation=1.0).step().images
     grey = build_synthesizer("procedural", bn_teacher, batch_size=8, seed=0, saturation=0.0).step().images
     half = build_synthesizer("procedural", bn_teacher, batch_size=8, seed=0, saturation=0.5).step().images
     spread = [float((x - x.mean(1, keepdim=True)).abs().mean()) for x in (full, half, grey)]
     assert spread[2] < 1e-6 and abs(spread[1] - spread[0] / 2) < 1e-4
+    default = build_synthesizer("procedural", bn_teacher, batch_size=8, seed=0).step().images
+    assert torch.allclose(default, half)  # the shipped default is saturation 0.5
 
 
 def _colour_teacher():
