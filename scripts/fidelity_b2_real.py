@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         "images_per_set": n, "teacher_top1": round(teacher_top1, 4), "rows": rows,
         "wall_seconds": round(time.perf_counter() - started, 1),
         "note": "agreement: share of images where student and teacher take the same arg-max; kl: mean "
-                "KL(teacher || student) of their softmax outputs (temperature 1). Dead leaves and noise are "
+                "KL(teacher || student) of their softmax outputs (temperature 1). Dead leaves (at full colour, saturation 1) and noise are "
                 f"drawn with seed {args.seed}; the test set is the benchmark's seeded subset (seed 0).",
     }
     md = ["# B2-real fidelity: where each student agrees with the teacher", "",
