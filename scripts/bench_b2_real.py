@@ -13,7 +13,7 @@ The student (``--student vit``) is a ViT smaller than the 0.21 M teacher (config
 No row uses statistics recorded on real data (the teacher has none). Students are scored on a seeded
 random subset of the test set (``--test-limit``). Writes results/b2_real_<student>.{json,md}.
 
-    DFKD_DATA=../shared/data python scripts/bench_b2_real.py --budget-minutes 1.5 --threads 1
+    DFKD_DATA=PATH python scripts/bench_b2_real.py --budget-minutes 1.5 --threads 1
 
 Hydra overrides go last, after an option that is not --rows (``--rows`` takes every word after it).
 """

@@ -7,7 +7,7 @@ prior vit_patch_entropy) at several ``sparse_keep`` fractions. Settings are inte
 (so machine load hits them alike) and the median images/s per setting is reported, with the teacher's
 requested-class agreement on the finished images. Writes results/sparse_inversion_vit_cifar_cpu.{json,md}.
 
-    DFKD_DATA=../shared/data python scripts/bench_sparse_inversion.py --threads 1
+    DFKD_DATA=PATH python scripts/bench_sparse_inversion.py --threads 1
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ student) of their softmax outputs; on the test set also each one's top-1 against
 that matches its teacher on the images it was taught on but not on real images is limited by how far
 those images are from real ones, not by the distillation. Writes results/<name>.{json,md}.
 
-    DFKD_DATA=../shared/data python scripts/fidelity_b2_real.py \
+    DFKD_DATA=PATH python scripts/fidelity_b2_real.py \
         --runs results/b2_real_w64_d2_10min/runs/procedural_seed0 results/b2_real_w64_d2_10min/runs/real_seed0
 """
 
