@@ -126,8 +126,7 @@ def same_settings(old: dict, new: dict) -> bool:
     if sn.get("name"):
         params = inspect.signature(SYNTHESIZERS.get(sn["name"]).__init__).parameters
         for k in set(sn) - set(so):
-            before = BEFORE_ARGUMENT.get((sn["name"], k), params[k].default if k in params else inspect.Parameter.empty)
-            if k not in params or sn[k] != before:
+            if k not in params or sn[k] != BEFORE_ARGUMENT.get((sn["name"], k), params[k].default):
                 return False
     return all(so[k] == sn.get(k) for k in so)
 
