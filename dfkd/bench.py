@@ -102,16 +102,10 @@ def parse_seeds_for(items: Sequence[str], known: Sequence[str], prog: str) -> di
     return seeds_for
 
 
-# synthesizer arguments added after some runs were stored, whose default later changed: the value that
-# reproduces what such a run did (an argument not listed here reproduced it at its default)
-BEFORE_ARGUMENT = {("procedural", "saturation"): 1.0}
-
-
 def same_settings(old: dict, new: dict) -> bool:
     """A stored run's config (``config.json``) equals the config a row would run now. A setting added to the
     code after the stored run counts as equal when the row leaves it at the value that reproduces the old
-    behaviour (``student.init=scratch``; a synthesizer argument at its default, or at its value in
-    :data:`BEFORE_ARGUMENT` when the default has changed since)."""
+    behaviour (``student.init=scratch``; a synthesizer argument at its default)."""
     import inspect
 
     from generators.base import SYNTHESIZERS
@@ -126,7 +120,7 @@ def same_settings(old: dict, new: dict) -> bool:
     if sn.get("name"):
         params = inspect.signature(SYNTHESIZERS.get(sn["name"]).__init__).parameters
         for k in set(sn) - set(so):
-            if k not in params or sn[k] != BEFORE_ARGUMENT.get((sn["name"], k), params[k].default):
+            if k not in params or sn[k] != params[k].default:
                 return False
     return all(so[k] == sn.get(k) for k in so)
 

@@ -10,8 +10,9 @@ optimisation-free data-free row; DeepInversion can start from these images inste
 well as flat colour; ``spectral`` is coloured 1/f^a noise; ``mixed`` draws each image from one of the three.
 
 ``saturation`` < 1 pulls each pixel's colour towards its grey level (natural photographs are far less
-saturated than colours drawn uniformly from the RGB cube); the default 0.5 beat 1.0 by 0.04 top-1 on
-the third-party CIFAR-10 ViT of B2-real (three seeds each). One-channel images are left as they are.
+saturated than colours drawn uniformly from the RGB cube). 0.5 beat 1.0 by 0.04 top-1 on the third-party
+CIFAR-10 ViT of B2-real (three seeds each) but lost on the ResNet-56 -> ResNet-20 of B1 (one seed), so
+the default stays 1.0. One-channel images are left as they are.
 
 Optional class-balanced selection (``oversample`` m > 1): draw m·batch candidates, score them with the
 teacher (forward only) and keep, for each class in turn, the candidates the teacher assigns to it most
@@ -161,7 +162,7 @@ class ProceduralSynthesizer(Synthesizer):
 
     def __init__(self, teacher, batch_size: int = 128, seed: int = 0, device="cpu",
                  pattern: str = "dead_leaves", oversample: int = 1, shapes: int = 48, r_min: float = 0.03,
-                 r_max: float = 0.6, noise: float = 0.02, saturation: float = 0.5):
+                 r_max: float = 0.6, noise: float = 0.02, saturation: float = 1.0):
         super().__init__(teacher, batch_size, seed, device)
         if not 0 <= float(saturation) <= 1:
             raise DfkdError(f"procedural saturation must be in [0, 1], got {saturation!r}")

@@ -57,7 +57,7 @@ ADV = ["synthesizer.adv_loss=js", "synthesizer.adv_mask=true", "synthesizer.adv_
        "synthesizer.view=roll", "synthesizer.jitter=1", "synthesizer.label_embedding=true",
        "synthesizer.div=0.0", "loss.temperature=4.0", "distill.mix=both"]
 DI = ["synthesizer.iterations=50", "synthesizer.init=noise", "synthesizer.space=normalized"]
-# the procedural colour setting these rows were measured with (the shipped default moved to 0.5 later)
+# the procedural colour setting these rows were measured with (pinned, should the default move)
 PROC1 = ["synthesizer.saturation=1.0"]
 LEVERS: dict[str, tuple[str, list[str], str]] = {  # row → (synthesizer option, base + lever, the lever in words)
     "fm": ("fast_meta", FM, "base: fast_meta, bounded adversarial term, bn 1, g_steps 4, ngf 64, 10 KD steps per batch"),
@@ -97,6 +97,8 @@ LEVERS: dict[str, tuple[str, list[str], str]] = {  # row → (synthesizer option
                         "three levers: di_dl_it20 and 30 KD steps per synthesized batch (not 10)"),
     "proc": ("procedural", [*PROC1, "synthesizer.oversample=1"],
              "procedural dead-leaves images labelled by the teacher: no optimisation, no generator"),
+    "proc_sat": ("procedural", ["synthesizer.saturation=0.5", "synthesizer.oversample=1"],
+                 "procedural (proc) with colours pulled halfway to grey (saturation 0.5)"),
     "proc_os4": ("procedural", [*PROC1, "synthesizer.oversample=4"],
                  "procedural, 4x candidates, the class-balanced most confident quarter kept"),
     "proc_feat": ("procedural", [*PROC1, "synthesizer.oversample=1", "loss=penultimate"],

@@ -51,7 +51,7 @@ ROWS = {
     # a hand-written image prior: dead-leaves images, labelled by the teacher as they are or as inversion's start
     "procedural": ("data-free: teacher only (procedural dead-leaves images, no optimisation)", None,
                    ["{PROC}", "distill.kd_steps=10"]),
-    # the shipped procedural default since: dead leaves with colours pulled halfway to grey
+    # dead leaves with colours pulled halfway to grey (the B2-real lever that moved the row; not the default)
     "procedural_sat": ("data-free: teacher only (procedural dead-leaves images, colour saturation 0.5, no optimisation)",
                        None, ["synthesizer=procedural", "synthesizer.pattern=dead_leaves", "synthesizer.saturation=0.5",
                               "distill.kd_steps=10"]),
@@ -65,7 +65,7 @@ SPEC = ["synthesizer.spectrum_decay=2.0", "synthesizer.saturation=0.4", "synthes
 # the pixel parametrisation B2-real started from (PSAQ-ViT-like: optimise pixels, 20 Adam steps at lr 0.1)
 PIXEL = ["synthesizer.batch_size=128", "synthesizer.iterations=20", "synthesizer.lr=0.1", "synthesizer.spectrum_decay=0",
          "synthesizer.saturation=1.0", "synthesizer.crop_scale=1.0", "synthesizer.downsample=1"]
-# the procedural settings every procedural row was measured with (the shipped defaults may move on)
+# the procedural settings every procedural row was measured with (pinned, should the defaults move)
 PROC = ["synthesizer=procedural", "synthesizer.pattern=dead_leaves", "synthesizer.saturation=1.0"]
 _LISTS = {"{SPEC}": SPEC, "{PIXEL}": PIXEL, "{PROC}": PROC}
 ROWS = {k: (kind, prior, [x for o in more for x in _LISTS.get(o, [o])]) for k, (kind, prior, more) in ROWS.items()}

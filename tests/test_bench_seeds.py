@@ -74,9 +74,9 @@ def test_a_stored_run_from_before_a_new_setting_still_counts(tmp_path):
     assert bench.stored_run(tmp_path / "a", [*want, "student.init=teacher"]) is None
 
 
-def test_a_stored_run_from_before_a_changed_default_counts_only_at_the_old_value(tmp_path):
-    """procedural.saturation arrived after runs were stored, and its default later moved from 1.0: a stored
-    run without the key reproduces saturation 1.0, not the new default."""
+def test_a_stored_run_from_before_a_synthesizer_setting_counts_only_at_its_default(tmp_path):
+    """procedural.saturation arrived after runs were stored: a stored run without the key reproduces the
+    default (1.0), not another value."""
     import json
 
     want = ["data=digits", "synthesizer=procedural", "synthesizer.saturation=1.0"]

@@ -65,7 +65,7 @@ def test_procedural_saturation_pulls_colours_to_grey(bn_teacher):
     spread = [float((x - x.mean(1, keepdim=True)).abs().mean()) for x in (full, half, grey)]
     assert spread[2] < 1e-6 and abs(spread[1] - spread[0] / 2) < 1e-4
     default = build_synthesizer("procedural", bn_teacher, batch_size=8, seed=0).step().images
-    assert torch.allclose(default, half)  # the shipped default is saturation 0.5
+    assert torch.allclose(default, full)  # the shipped default keeps the drawn colours
 
 
 def _colour_teacher():
