@@ -105,13 +105,13 @@ def parse_seeds_for(items: Sequence[str], known: Sequence[str], prog: str) -> di
 def same_settings(old: dict, new: dict) -> bool:
     """A stored run's config (``config.json``) equals the config a row would run now. A setting added to the
     code after the stored run counts as equal when the row leaves it at the value that reproduces the old
-    behaviour (``student.init=scratch``; a synthesizer argument at its default)."""
+    behaviour (``student.init=scratch``, ``distill.ema=0``; a synthesizer argument at its default)."""
     import inspect
 
     from generators.base import SYNTHESIZERS
 
     old, new = dict(old), dict(new)
-    for group, key, default in (("student", "init", "scratch"),):
+    for group, key, default in (("student", "init", "scratch"), ("distill", "ema", 0.0)):
         if key not in old.get(group, {}) and new.get(group, {}).get(key) == default:
             new[group] = {k: v for k, v in new[group].items() if k != key}
     so, sn = dict(old.pop("synthesizer", {})), dict(new.pop("synthesizer", {}))

@@ -136,6 +136,7 @@ class DistillConfig:
     teacher_logits: TeacherLogits = TeacherLogits.live
     channels_last: bool = False
     compile: bool = False
+    ema: float = 0.0                    # > 0: evaluate and save a moving average of the student's weights (decay)
 
 
 @dataclass

@@ -59,7 +59,8 @@ class DistillSettings:
                                     # logits that came with the batch (no augmentation, no teacher needed)
     channels_last: bool = False     # student, teacher and the student's batches in channels-last memory format
     compile: bool = False           # torch.compile the student's training forward (the teacher keeps its hooks)
-
+    ema: float = 0.0                # > 0: keep an exponential moving average of the student's weights with this
+                                    # decay (e.g. 0.99); evaluation and the saved student use the average
 
     def validate(self) -> None:
         """One-line errors for settings that would run but make no sense."""
@@ -81,6 +82,8 @@ class DistillSettings:
             raise DfkdError(f"distill.warmup is a fraction of the run in [0, 1), got {self.warmup!r}")
         if self.budget_minutes is not None and self.budget_minutes <= 0:
             raise DfkdError(f"distill.budget_minutes must be positive (or null), got {self.budget_minutes!r}")
+        if not (isinstance(self.ema, (int, float)) and 0 <= self.ema < 1):
+            raise DfkdError(f"distill.ema is a decay in [0, 1) (0: off), got {self.ema!r}")
 
 
 class Memory:
@@ -217,7 +220,7 @@ class ClassificationDistillation(Task):
         self.synth_images = 0
 
     def modules(self) -> list[nn.Module]:
-        return [m for m in (self.d.teacher, self.d.student) if m is not None]
+        return [m for m in (self.d.teacher, self.d.student, self.d.ema) if m is not None]
 
     def begin(self, engine: Engine) -> None:
         self.d.student.train()
@@ -249,9 +252,12 @@ class ClassificationDistillation(Task):
 
     def state_dict(self) -> dict[str, Any]:
         d = self.d
-        return {"loss": d.loss.state_dict() if isinstance(d.loss, nn.Module) else {},
-                "synthesizer": d.synth.state_dict(), "memory": d.memory.state_dict(),
-                "rng": d.rng.get_state(), "mix_toggle": d._mix_toggle}
+        st = {"loss": d.loss.state_dict() if isinstance(d.loss, nn.Module) else {},
+              "synthesizer": d.synth.state_dict(), "memory": d.memory.state_dict(),
+              "rng": d.rng.get_state(), "mix_toggle": d._mix_toggle}
+        if d.ema is not None:
+            st["ema"] = d.ema.state_dict()
+        return st
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
         d = self.d
@@ -261,6 +267,8 @@ class ClassificationDistillation(Task):
         d.memory.load_state_dict(st["memory"])
         d.rng.set_state(st["rng"])
         d._mix_toggle = bool(st.get("mix_toggle", False))
+        if d.ema is not None:  # a run saved without the average starts it from the restored student
+            d.ema.load_state_dict(st["ema"] if "ema" in st else d.student.state_dict())
 
 
 class Distiller:
@@ -300,7 +308,16 @@ class Distiller:
                              checkpoint_mb=settings.checkpoint_pool_mb)
         self.rng = torch.Generator().manual_seed(seed + 17)
         self._mix_toggle = False
+        if not (isinstance(settings.ema, (int, float)) and 0 <= settings.ema < 1):
+            raise DfkdError(f"distill.ema is a decay in [0, 1) (0: off), got {settings.ema!r}")
         self.optimizer = self._build_optimizer()
+        # the moving average of the student's weights (distill.ema > 0), taken after the loss's setup (which may
+        # copy the teacher's head into the student): evaluated and saved instead of the student
+        self.ema: Optional[nn.Module] = None
+        if settings.ema > 0:
+            import copy
+
+            self.ema = copy.deepcopy(student).requires_grad_(False).eval()
         self.task = ClassificationDistillation(self)
         self.engine = Engine(
             student, self.optimizer,
@@ -373,7 +390,24 @@ class Distiller:
             xa = xa.contiguous(memory_format=torch.channels_last)
         with self.engine.autocast():
             loss, _ = self.loss(self.engine.train_model, self.teacher, xa, t)
-        return self.engine.optimizer_step(loss, list(self.student.parameters()))
+        return self.engine.optimizer_step(loss, list(self.student.parameters()),
+                                          after=self._ema_update if self.ema is not None else None)
+
+    def _ema_update(self) -> None:
+        """One step of the weight average, after each optimizer step; the decay ramps up over the first steps
+        (min(ema, (1 + n) / (10 + n)) at step n), so early weights do not dominate a short run."""
+        n = self.engine.step - 1  # the update just made is step n (0-based)
+        decay = min(float(self.s.ema), (1 + n) / (10 + n))
+        with torch.no_grad():
+            for pe, p in zip(self.ema.parameters(), self.student.parameters()):
+                pe.lerp_(p.detach(), 1 - decay)
+            for be, b in zip(self.ema.buffers(), self.student.buffers()):
+                be.copy_(b)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What is evaluated and saved: the weight average when ``distill.ema`` > 0, else the student."""
+        return self.ema if self.ema is not None else self.student
 
     def _mix(self, x: torch.Tensor) -> torch.Tensor:
         """Mixup or CutMix of a batch with a shuffled copy of itself, per-sample ratios. The teacher is
@@ -402,7 +436,7 @@ class Distiller:
     def evaluate(self) -> dict[str, float]:
         if self.test_set is None or not self.main:
             return {}
-        return evaluate(self.student, self.test_set, device=self.device)
+        return evaluate(self.eval_model, self.test_set, device=self.device)
 
     def fit(self, resume: bool = True) -> dict[str, Any]:
         state = None
@@ -418,6 +452,8 @@ class Distiller:
                     raise DfkdError(f"the ranks' checkpoints are at different rounds {rounds}; "
                                     "delete the newer ones or start a new run folder")
         self.student.to(self.device)
+        if self.ema is not None:
+            self.ema.to(self.device)
         if self.teacher is not None:
             self.teacher.to(self.device)
         if self.s.channels_last:
@@ -429,6 +465,7 @@ class Distiller:
         ranks = D.gather_objects({
             "rank": D.rank(),
             "student_digest": D.tensor_digest(self.student.state_dict().values()),
+            **({"ema_digest": D.tensor_digest(self.ema.state_dict().values())} if self.ema is not None else {}),
             "memory_digest": D.tensor_digest([self.memory.images[: self.memory.size]])
             if self.memory.size else None,
         })

@@ -539,7 +539,8 @@ def run_distill(cfg: DictConfig | Mapping[str, Any], run_dir: str | Path) -> dic
     result = distiller.fit(resume=bool(cfg.get("resume", True)))
     if not D.is_main():
         return {"rank": D.rank(), **result}
-    save_model(student.model, run_dir / "student.safetensors", build=build)
+    # the weight average when distill.ema > 0 (what was evaluated), else the student as trained
+    save_model(distiller.eval_model.model, run_dir / "student.safetensors", build=build)
     if distiller.memory.size:
         save_sample_grid(distiller.memory.as_float(),
                          distiller.memory.labels[: distiller.memory.size].cpu(), run_dir / "samples.png",

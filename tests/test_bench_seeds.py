@@ -74,6 +74,18 @@ def test_a_stored_run_from_before_a_new_setting_still_counts(tmp_path):
     assert bench.stored_run(tmp_path / "a", [*want, "student.init=teacher"]) is None
 
 
+def test_a_stored_run_from_before_distill_ema_counts_only_with_the_average_off(tmp_path):
+    import json
+
+    want = ["data=digits", "synthesizer=fast_meta"]
+    _store(tmp_path / "a", want)
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    del cfg["distill"]["ema"]  # written before distill.ema existed
+    (tmp_path / "a" / "config.json").write_text(json.dumps(cfg))
+    assert bench.stored_run(tmp_path / "a", want) is not None
+    assert bench.stored_run(tmp_path / "a", [*want, "distill.ema=0.99"]) is None
+
+
 def test_a_stored_run_from_before_a_synthesizer_setting_counts_only_at_its_default(tmp_path):
     """procedural.saturation arrived after runs were stored: a stored run without the key reproduces the
     default (1.0), not another value."""

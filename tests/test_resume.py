@@ -89,6 +89,17 @@ def test_distill_mix_both_resumes_after_an_odd_number_of_steps(tmp_path, monkeyp
     assert _metrics(tmp_path / "resumed") == _metrics(tmp_path / "full")
 
 
+def test_distill_with_a_weight_average_resumes_to_the_same_average(tmp_path, monkeypatch, cache_dir):
+    overrides = [*_distill_overrides("deepinversion", kd_steps=2, checkpoint_every=2), "distill.ema=0.9"]
+    full, resumed, logged = _distill_killed_and_resumed(tmp_path, monkeypatch, overrides, kill_after_round=5)
+    assert logged == [5, 6]
+    assert resumed["ranks"][0]["ema_digest"] == full["ranks"][0]["ema_digest"]
+    assert resumed["ranks"][0]["student_digest"] == full["ranks"][0]["student_digest"]
+    assert full["ranks"][0]["ema_digest"] != full["ranks"][0]["student_digest"]
+    assert _metrics(tmp_path / "resumed") == _metrics(tmp_path / "full")
+    assert resumed["student_top1"] == full["student_top1"]
+
+
 # -- diffusion training --------------------------------------------------------------------------------
 def _diffusion_data():
     g = torch.Generator().manual_seed(0)
