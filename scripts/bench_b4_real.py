@@ -59,6 +59,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     a("--width-multiple", type=float, default=None, help="the student's (default: half the teacher's)")
     a("--student-init", choices=["scratch", "teacher"], default="scratch",
       help="the student's start: a fresh initialisation, or the teacher's weights by channel selection")
+    a("--compensate", choices=["none", "dead_leaves", "inversion"], default="none",
+      help="with --student-init teacher: compensate the dropped channels from the teacher's statistics on these "
+           "images (inversion: dead leaves matched to the teacher's BatchNorm statistics; no real data)")
+    a("--compensate-images", type=int, default=32)
+    a("--compensate-iterations", type=int, default=100)
     a("--importance", choices=["bn", "l1"], default="bn",
       help="with --student-init teacher: keep the channels of largest BatchNorm |γ| or filter L1 norm")
     a("--kd-batch", type=int, default=8)
@@ -101,7 +106,11 @@ def overrides(args: argparse.Namespace, row: str, score_teacher: bool) -> list[s
         common.append(f"+detection.student_kwargs.width_multiple={args.width_multiple}")
     if args.student_init != "scratch":
         common += [f"detection.student_init={args.student_init}",
-                   f"+detection.student_kwargs.importance={args.importance}"]
+                   f"+detection.student_kwargs.importance={args.importance}",
+                   f"detection.compensate={args.compensate}", f"detection.compensate_images={args.compensate_images}",
+                   f"detection.compensate_iterations={args.compensate_iterations}"]
+        if args.compensate != "none" and getattr(args, "work_cache", None):
+            common.append(f"detection.compensate_cache={args.work_cache}")
     if args.freeze_bn:
         common.append("detection.freeze_bn=true")
     if args.feature_kd:
@@ -142,12 +151,15 @@ def untrained_student(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     s, device = detection_settings(cfg["detection"]), setup_runtime(cfg)
     teacher = load_teacher_detector(cfg["teacher"])
     tb = detector_metadata(teacher)
+    t0 = time.perf_counter()
     student = initial_student(teacher, tb, s, args.seed, device).eval()
+    init_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     r = score_detector(student, load_eval_set(cfg["data"], s.val_split, tb["in_chans"]), s, device, s.max_val_images)
-    return {"method": "untrained", "kind": f"the student as it starts ({args.student_init}), no training",
+    start = args.student_init + (f", compensated: {args.compensate}" if args.compensate != "none" else "")
+    return {"method": "untrained", "kind": f"the student as it starts ({start}), no training",
             "map": r["map"], "map50": r["map50"], "map75": r["map75"], "eval_seconds": round(time.perf_counter() - t0, 1),
-            "student_params": sum(p.numel() for p in student.parameters())}
+            "student_params": sum(p.numel() for p in student.parameters()), "init_seconds": round(init_seconds, 1)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -167,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="b4_real_"))
     rows: list[dict[str, Any]] = []
     teacher: dict[str, Any] = {}
+    args.work_cache = str(work / "compensation_images.pt")  # made once, read by every row
     start = untrained_student(args, work)
     print(f"untrained   mAP {start['map']:.4f}  mAP@.5 {start['map50']:.4f}", flush=True)
     for i, row in enumerate(args.rows):
@@ -192,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
         "teacher": {"weights": args.weights, **teacher}, "data": args.data, "image_size": args.image_size,
         "seed": args.seed, "budget_minutes_per_row": args.budget_minutes, "device": args.device,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                     if k not in ("weights", "data", "work", "out", "name")},
+                     if k not in ("weights", "data", "work", "work_cache", "out", "name")},
         "hardware": hw, "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
         "wall_seconds": round(time.perf_counter() - started, 1), "untrained_student": start, "rows": rows,
     }

@@ -326,3 +326,85 @@ def test_freeze_bn_keeps_the_starting_statistics(tmp_path):
     assert moved[True] == 0.0 and moved[False] > 1e-4
     with pytest.raises(DfkdError, match="freeze_bn must be true or false"):
         run_distill(composed(*loop, "detection.freeze_bn=sometimes"), tmp_path / "bad")
+
+
+def test_batchnorm_matched_images_match_the_teachers_statistics():
+    """``batchnorm_matched_images``: dead leaves optimised towards every BatchNorm layer's running statistics
+    end closer to them than the dead leaves they start from; in [0, 1], seeded; the teacher's modes,
+    ``requires_grad`` flags and hooks are as before."""
+    from dfkd.hooks import BatchNormPrior
+    from dfkd.detection.yolo_slim import batchnorm_matched_images
+    from generators.procedural import procedural_images
+
+    teacher = network(TINY_V5)
+    for bn in teacher.modules():  # running statistics of a domain (uniform noise) that dead leaves are not
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.reset_running_stats()
+            bn.momentum = None
+    with torch.no_grad():
+        teacher.train()(torch.rand(16, 3, 64, 64, generator=torch.Generator().manual_seed(5)))
+
+    def distance(x):
+        with torch.no_grad(), BatchNormPrior(teacher) as prior:
+            teacher(x)
+            return prior.loss().item()
+
+    start = procedural_images("dead_leaves", 4, (3, 64, 64), torch.Generator().manual_seed(0))
+    teacher.train()
+    teacher.model[0].conv.weight.requires_grad_(False)
+    imgs = batchnorm_matched_images(teacher, 4, 64, iterations=40, batch=4, seed=0)
+    assert all(m.training for m in teacher.modules())
+    assert not teacher.model[0].conv.weight.requires_grad and teacher.model[1].conv.weight.requires_grad
+    assert not any(m._forward_hooks for m in teacher.modules())
+    teacher.eval()
+    assert imgs.shape == (4, 3, 64, 64) and 0 <= imgs.min() and imgs.max() <= 1
+    assert distance(imgs) < 0.7 * distance(start)
+    assert torch.equal(imgs, batchnorm_matched_images(teacher, 4, 64, iterations=40, batch=4, seed=0))
+
+
+def test_compensate_through_the_command(tmp_path, monkeypatch):
+    """``detection.compensate=inversion``: the teacher-initialised student starts from compensated weights
+    (not the plain selection); the images are kept in ``detection.compensate_cache`` and read back by a
+    run with the same settings, remade when a setting differs; bad values are one line."""
+    import json
+
+    import yaml
+
+    from dfkd.detection import yolo_slim
+    from dfkd.pipeline import run_distill
+    from test_yolo_task import composed
+
+    arch = tmp_path / "tiny.yaml"
+    arch.write_text(yaml.safe_dump(TINY_V5))
+    cache = tmp_path / "cache" / "images.pt"
+    loop = ["teacher=yolo", f"teacher.checkpoint={arch}", "teacher.kwargs.image_size=64", "data.name=none",
+            "synthesizer=box_noise", "synthesizer.batch_size=2", "detection.steps=1", "detection.kd_steps=1",
+            "detection.batch_size=2", "detection.memory_size=2", "detection.score_thresh=0.0", "detection.lr=1e-12",
+            "teacher.kwargs.max_det=3", "progress=false", "threads=1", "device=cpu", "detection.student_init=teacher",
+            "detection.compensate_images=4", f"detection.compensate_cache={cache}"]
+    made = []
+    real = yolo_slim.batchnorm_matched_images
+    monkeypatch.setattr(yolo_slim, "batchnorm_matched_images", lambda *a, **k: made.append(1) or real(*a, **k))
+    s = run_distill(composed(*loop, "detection.compensate=inversion", "detection.compensate_iterations=3"),
+                    tmp_path / "a")
+    assert made == [1] and cache.is_file()
+    assert s["compensate"] == "inversion" and s["student_init_seconds"] > 0
+    run_distill(composed(*loop, "detection.compensate=inversion", "detection.compensate_iterations=3"), tmp_path / "b")
+    assert made == [1]  # read from the cache
+    run_distill(composed(*loop, "detection.compensate=inversion", "detection.compensate_iterations=4"), tmp_path / "c")
+    assert made == [1, 1]  # another setting: made again
+    plain = run_distill(composed(*loop), tmp_path / "plain")
+    assert plain["compensate"] == "none"
+
+    def conv_weights(d):
+        from dfkd.detection.models import load_detector
+
+        return [p for n, p in load_detector(d / "student.safetensors").model.named_parameters() if "conv.weight" in n]
+
+    assert any(not torch.allclose(a, b) for a, b in zip(conv_weights(tmp_path / "c"), conv_weights(tmp_path / "plain")))
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["detection"]["compensate"] == "inversion"
+    with pytest.raises(DfkdError, match="detection.compensate must be one of none, dead_leaves, inversion"):
+        run_distill(composed(*loop, "detection.compensate=real"), tmp_path / "bad")
+    with pytest.raises(DfkdError, match="compensate needs detection.student_init=teacher"):
+        run_distill(composed(*[o for o in loop if "student_init" not in o], "detection.compensate=inversion"),
+                    tmp_path / "bad2")

@@ -236,7 +236,14 @@ def b4_real_markdown(payload: Mapping[str, Any]) -> list[str]:
     init = ("trained from scratch" if a["student_init"] == "scratch" else
             "initialised from the teacher by channel selection (every convolution keeps the teacher's channels of "
             f"largest {'BatchNorm |γ|' if a['importance'] == 'bn' else 'filter L1 norm'}; "
-            "`detection.student_init=teacher`), the same start for every row")
+            "`detection.student_init=teacher`)"
+            + ({"none": "", "dead_leaves": ", its dropped channels compensated from the teacher's statistics on "
+                f"{a.get('compensate_images')} dead-leaves images (`detection.compensate=dead_leaves`)",
+                "inversion": ", its dropped channels compensated (least squares) from the teacher's statistics on "
+                f"{a.get('compensate_images')} dead-leaves images optimised for {a.get('compensate_iterations')} "
+                "steps to match the teacher's BatchNorm statistics (`detection.compensate=inversion`; no real "
+                f"data; {start.get('init_seconds', 0):.0f} s, outside the row budgets)"}[a.get("compensate", "none")])
+            + ", the same start for every row")
     lines = [
         f"# B4-real: YOLOv5n distilled into a narrower YOLO on the {a['device'].upper()}, {a['image_size']} px", "",
         f"- command: `{payload['command']}`",

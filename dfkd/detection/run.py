@@ -70,6 +70,11 @@ class DetectionSettings:
     student_head_convs: int = 1
     student_kwargs: dict = dataclasses.field(default_factory=dict)  # backbone arguments (ViT sizes)
     student_init: str = "scratch"     # scratch, or teacher: a YOLO student takes the teacher's channels
+    compensate: str = "none"          # with student_init=teacher: none | dead_leaves | inversion: dropped channels
+                                      # estimated from the kept ones under the teacher's statistics on such images
+    compensate_images: int = 32       # how many (inversion: BatchNorm-matched dead leaves, no real data)
+    compensate_iterations: int = 100  # inversion steps per image batch
+    compensate_cache: Optional[str] = None  # a file keeping those images (reused by runs with the same settings)
     train_path: Optional[str] = None  # real train images (box_real only)
     train_split: Optional[str] = None
     val_split: Optional[str] = None   # YOLO split / COCO json name part of data.path
@@ -97,7 +102,8 @@ def detection_settings(node: Mapping[str, Any] | None) -> DetectionSettings:
     s = DetectionSettings(**kw)
     for k, lo in (("steps", 1), ("kd_steps", 1), ("batch_size", 1), ("memory_size", 1), ("student_width", 2),
                   ("student_fpn", 4), ("student_head_convs", 0), ("eval_every", 0), ("checkpoint_every", 1),
-                  ("max_val_images", 1), ("eval_images", 1), ("eval_batch_size", 1)):
+                  ("max_val_images", 1), ("eval_images", 1), ("eval_batch_size", 1),
+                  ("compensate_images", 2), ("compensate_iterations", 1)):
         v = getattr(s, k)
         if v is not None and (not isinstance(v, int) or v < lo):
             raise DfkdError(f"detection.{k} must be an integer of at least {lo}, got {v!r}")
@@ -111,6 +117,14 @@ def detection_settings(node: Mapping[str, Any] | None) -> DetectionSettings:
             raise DfkdError(f"detection.{k} must be a number ≥ 0, got {v!r}")
     if s.student_init not in ("scratch", "teacher"):
         raise DfkdError(f"detection.student_init must be scratch or teacher, got {s.student_init!r}")
+    from dfkd.detection.yolo_slim import COMPENSATE
+
+    if s.compensate not in COMPENSATE:
+        raise DfkdError(f"detection.compensate must be one of {', '.join(COMPENSATE)}, got {s.compensate!r}"
+                        f"{close_matches(str(s.compensate), COMPENSATE)}")
+    if s.compensate != "none" and s.student_init != "teacher":
+        raise DfkdError("detection.compensate needs detection.student_init=teacher (it corrects the teacher's "
+                        "weights a narrower student starts from)")
     if not isinstance(s.freeze_bn, bool):
         raise DfkdError(f"detection.freeze_bn must be true or false, got {s.freeze_bn!r}")
     if s.feature_kd > 0 and s.student_init != "teacher":
@@ -253,15 +267,18 @@ def build_detection_source(syn_cfg: Mapping[str, Any], teacher, student, tb, s: 
         raise DfkdError(f"synthesizer {name!r}: {e}") from None
 
 
-def initial_student(teacher_model, tb: Mapping[str, Any], s: DetectionSettings, seed: int, device):
+def initial_student(teacher_model, tb: Mapping[str, Any], s: DetectionSettings, seed: int, device,
+                    compensate: bool = True):
     """The student as distillation starts: built for the teacher ``tb`` describes (seeded), and with
-    ``detection.student_init=teacher`` given the teacher's weights by channel selection (YOLO students)."""
+    ``detection.student_init=teacher`` given the teacher's weights by channel selection (YOLO students),
+    compensated for its dropped channels per ``detection.compensate`` (skipped with ``compensate=False``:
+    a resumed run restores its student)."""
     torch.manual_seed(seed)
     student = build_student_detector(tb, s).to(device)
     if s.student_init == "teacher":  # dfkd.detection.yolo_slim
         from dfkd.detection.yolo_task import init_yolo_student
 
-        init_yolo_student(student, teacher_model, tb, s)
+        init_yolo_student(student, teacher_model, tb, s, seed=seed, compensate=compensate)
     return student
 
 
@@ -344,7 +361,9 @@ def run_detection(cfg: Mapping[str, Any], run_dir: str | Path) -> dict[str, Any]
 
     teacher_model.to(device).eval()
     teacher = DetectionTeacher(teacher_model)
-    student = initial_student(teacher_model, tb, s, seed, device)
+    t_init = time.perf_counter()
+    student = initial_student(teacher_model, tb, s, seed, device, compensate=state is None)
+    init_seconds = time.perf_counter() - t_init
     source, _ = build_detection_source(cfg["synthesizer"], teacher, student, tb, s, seed, device)
     kd_steps = s.kd_steps or int(getattr(syn_cls, "default_kd_steps", 4))
     feature_channels = None
@@ -392,6 +411,8 @@ def run_detection(cfg: Mapping[str, Any], run_dir: str | Path) -> dict[str, Any]
         "head_matching": res["head_matching"], "class_kd": res["class_kd"], "adi": getattr(source, "w_adi", None),
         "time_to_map": [[e["wall"], e["step"], e["map"], e["map50"]] for e in res["evals"] if "map50" in e],
         "eval_seconds_in_budget": round(sum(e.get("eval_seconds", 0.0) for e in res["evals"]), 3),
+        "student_init": s.student_init, "compensate": s.compensate,
+        "student_init_seconds": round(init_seconds, 3),
         "student_params": sum(p.numel() for p in student.parameters()),
         "teacher_params": sum(p.numel() for p in teacher_model.parameters()),
         "teacher": tb, "student": detector_metadata(student),

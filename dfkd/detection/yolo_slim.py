@@ -231,6 +231,7 @@ def _compensate(w, keep, mean, cov, ridge=1e-3):
     """The filter ``w`` (O, I, kh, kw) reading only the input channels ``keep``: each dropped channel is
     replaced by its least-squares estimate from the kept ones (``x_r ≈ A x_k + b`` under the input's channel
     ``mean`` and covariance ``cov``); returns the new filter and the constant it adds to the output."""
+    dev, w, keep = w.device, w.detach().cpu(), keep.cpu()
     n = w.shape[1]
     drop = torch.ones(n, dtype=torch.bool)
     drop[keep] = False
@@ -242,7 +243,7 @@ def _compensate(w, keep, mean, cov, ridge=1e-3):
     wr = w[:, drop].double()
     wk = w[:, keep].double() + torch.einsum("orhw,rk->okhw", wr, a)
     shift = torch.einsum("orhw,r->o", wr, b)
-    return wk.to(w.dtype), shift.to(w.dtype)
+    return wk.to(w.dtype).to(dev), shift.to(w.dtype).to(dev)
 
 
 def input_statistics(model: nn.Module, images: torch.Tensor, batch: int = 8) -> dict:
@@ -258,18 +259,19 @@ def input_statistics(model: nn.Module, images: torch.Tensor, batch: int = 8) -> 
 
     from dfkd.detection.yolo import eval_modes
 
+    dev = next(model.parameters()).device
     hs = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
     try:
         with eval_modes(model), torch.no_grad():
             for c in images.split(batch):
-                model(c)
+                model(c.to(dev))
     finally:
         for h in hs:
             h.remove()
     out = {}
     for m, (n, s1, s2) in acc.items():
         mean = s1 / n
-        out[m] = (mean.float(), (s2 / n - torch.outer(mean, mean)).float())
+        out[m] = (mean.float().cpu(), (s2 / n - torch.outer(mean, mean)).float().cpu())
     return out
 
 
@@ -335,3 +337,102 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module, importance: str = 
     state = slimmed_state_dict(t_model, s_model, importance, stats)
     load_state_strict(s_model, state, "the teacher-selected state")
     return student
+
+
+COMPENSATE = ("none", "dead_leaves", "inversion")
+
+
+def batchnorm_matched_images(model: nn.Module, n: int, image_size: int, iterations: int = 100, lr: float = 0.05,
+                             batch: int = 16, seed: int = 0, jitter: Optional[int] = None) -> torch.Tensor:
+    """``n`` (3, ``image_size``²) images in [0, 1] from the teacher's weights alone: dead-leaves images whose
+    pixels (a sigmoid parametrisation) are optimised for ``iterations`` Adam steps so that every BatchNorm
+    layer's input statistics match the layer's running statistics (DeepInversion's prior, no class or box
+    loss; the step size decays on a cosine), with random shifts of up to ``jitter`` pixels (default a 32nd of
+    the side) and flips. They stand in for real images where
+    only the *statistics* of the teacher's activations are needed (:func:`input_statistics`). The model's
+    modes and ``requires_grad`` flags are restored."""
+    from dfkd.detection.yolo import eval_modes
+    from dfkd.hooks import BatchNormPrior
+    from generators.procedural import procedural_images
+
+    g = torch.Generator().manual_seed(int(seed))
+    jitter = max(1, image_size // 32) if jitter is None else int(jitter)
+    dev = next(model.parameters()).device
+    start = procedural_images("dead_leaves", n, (3, image_size, image_size), g)
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    out = []
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        with eval_modes(model), BatchNormPrior(model) as prior:
+            for chunk in start.split(batch):
+                z = torch.logit(chunk.clamp(0.02, 0.98)).to(dev).requires_grad_(True)
+                opt = torch.optim.Adam([z], lr=lr)
+                sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iterations)
+                for it in range(iterations):
+                    img = z.sigmoid()
+                    dx, dy = (torch.randint(-jitter, jitter + 1, (2,), generator=g).tolist() if jitter else (0, 0))
+                    img = torch.roll(img, (dy, dx), (2, 3))
+                    if it % 2:
+                        img = img.flip(3)
+                    model(img)
+                    loss = prior.loss()
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                out.append(z.detach().sigmoid().cpu())
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+    return torch.cat(out)
+
+
+def compensation_images(model: nn.Module, kind: str, n: int, image_size: int, iterations: int,
+                        seed: int = 0, cache: Optional[str] = None) -> Optional[torch.Tensor]:
+    """The images whose teacher statistics a teacher-initialised student compensates from
+    (``detection.compensate``): ``none``; ``dead_leaves`` (procedural, as drawn); ``inversion``
+    (:func:`batchnorm_matched_images`). None of them uses real data. ``cache``: a file that keeps them —
+    read when it holds images made with these settings for this teacher, else (re)written."""
+    if kind not in COMPENSATE:
+        raise DfkdError(f"detection.compensate must be one of {', '.join(COMPENSATE)}, got {kind!r}"
+                        f"{close_matches(str(kind), COMPENSATE)}")
+    if kind == "none":
+        return None
+    key = {"kind": kind, "n": int(n), "image_size": int(image_size), "iterations": int(iterations),
+           "seed": int(seed), "teacher": _checksum(model)}
+    if cache:
+        from pathlib import Path
+
+        path = Path(cache)
+        if path.is_file():
+            try:
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception:
+                saved = None
+            if isinstance(saved, dict) and saved.get("key") == key:
+                return saved["images"]
+    if kind == "dead_leaves":
+        from generators.procedural import procedural_images
+
+        images = procedural_images("dead_leaves", n, (3, image_size, image_size),
+                                   torch.Generator().manual_seed(seed))
+    else:
+        images = batchnorm_matched_images(model, n, image_size, iterations=iterations, seed=seed)
+    if cache:
+        from dfkd.models.checkpoint import atomic_torch_save
+
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save({"key": key, "images": images}, Path(cache))
+    return images
+
+
+def _checksum(model: nn.Module) -> float:
+    """A cheap fingerprint of a network's weights (the sum of |w| and of w·index over its state)."""
+    total = 0.0
+    with torch.no_grad():
+        for i, t in enumerate(model.state_dict().values()):
+            if t.is_floating_point():
+                total += float(t.double().abs().sum()) * (1 + i % 7)
+    return round(total, 6)

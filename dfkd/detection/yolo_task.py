@@ -255,12 +255,19 @@ def build_yolo_task_student(tb: Mapping[str, Any], s) -> nn.Module:
     return fcos_student_for(tb, s, 0.25, kw)
 
 
-def init_yolo_student(student: nn.Module, teacher: nn.Module, tb: Mapping[str, Any], s) -> nn.Module:
+def init_yolo_student(student: nn.Module, teacher: nn.Module, tb: Mapping[str, Any], s, seed: int = 0,
+                      compensate: bool = True) -> nn.Module:
     """``detection.student_init=teacher``: a YOLO student of a YOLO teacher gets the teacher's weights by
-    channel selection (:func:`dfkd.detection.yolo_slim.init_from_teacher`); any other pair is one line."""
-    from dfkd.detection.yolo_slim import init_from_teacher
+    channel selection (:func:`dfkd.detection.yolo_slim.init_from_teacher`), compensated from the teacher's
+    statistics on ``detection.compensate`` images (:func:`dfkd.detection.yolo_slim.compensation_images`);
+    any other pair is one line."""
+    from dfkd.detection.yolo_slim import compensation_images, init_from_teacher
 
     if tb.get("arch") != "yolo" or not isinstance(getattr(student, "model", None), YOLOModel):
         raise DfkdError("detection.student_init=teacher needs a YOLO teacher (teacher=yolo) and a YOLO student "
                         "(detection.student_backbone=yolo)")
-    return init_from_teacher(student, teacher, str((s.student_kwargs or {}).get("importance", "bn")))
+    kind = getattr(s, "compensate", "none") if compensate else "none"
+    t_model = teacher.model if isinstance(getattr(teacher, "model", None), YOLOModel) else teacher
+    images = compensation_images(t_model, kind, s.compensate_images, int(tb["image_size"]),
+                                 s.compensate_iterations, seed, cache=s.compensate_cache) if kind != "none" else None
+    return init_from_teacher(student, teacher, str((s.student_kwargs or {}).get("importance", "bn")), images=images)
